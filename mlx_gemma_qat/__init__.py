@@ -1,0 +1,50 @@
+"""mlx-gemma-qat: Gemma 3 QAT models with MLX, converted exactly.
+
+    from mlx_gemma_qat import load, generate
+    model, tokenizer = load()            # the embedded Gemma 3 270M, or a path / GGUF / repo id
+    print(generate(model, tokenizer, "Why is the sky blue?", max_tokens=64))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path_or_repo=None, *, dtype=None, lazy: bool = False):
+    """Return ``(model, tokenizer)`` like ``mlx_lm.load``.
+
+    ``path_or_repo``: an MLX folder, a GGUF file, a Hugging Face folder or repo id; None for the
+    embedded Gemma 3 270M. Non-MLX sources are converted once into a cache folder.
+    ``dtype``: compute dtype, by default float32 on the CPU and bfloat16 on a GPU.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    from .model.load import load_model, read_config
+    from .models_cache import resolve_model
+
+    folder = resolve_model(path_or_repo)
+    model = load_model(folder, dtype=dtype, lazy=lazy)
+    eos = read_config(folder).get("eos_token_id")
+    tokenizer = load_tokenizer(folder, eos_token_ids=eos if isinstance(eos, list) else None)
+    return model, tokenizer
+
+
+def generate(*args, **kwargs):
+    from .generate import generate as _g
+
+    return _g(*args, **kwargs)
+
+
+def stream_generate(*args, **kwargs):
+    from .generate import stream_generate as _s
+
+    return _s(*args, **kwargs)
+
+
+def convert(*args, **kwargs):
+    from .convert import convert as _c
+
+    return _c(*args, **kwargs)
+
+
+__all__ = ["load", "generate", "stream_generate", "convert", "__version__"]

@@ -1,0 +1,118 @@
+"""Convert Gemma 3 checkpoints (GGUF or Hugging Face safetensors) into an MLX model folder.
+
+``convert(src, out)`` picks the route from ``src``: a ``.gguf`` file, a local Hugging Face folder, or a
+hub repo id. The result is a standard MLX folder that this package and ``mlx_lm.load`` both read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import from_gguf, from_hf
+from .writer import atomic_output_dir, write_model
+
+GEMMA3_EOS_IDS = [1, 106]  # <eos> and <end_of_turn>: chat turns end with the latter
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _provenance(src: str, fmt: str, tensors: dict[str, str], exact: dict[str, bool], **opts) -> dict:
+    counts = Counter(tensors.values())
+    return {
+        "source": str(src),
+        "source_format": fmt,
+        "options": opts,
+        "source_types": dict(sorted(counts.items())),
+        "inexact_tensors": sorted(n for n, e in exact.items() if not e),
+    }
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    q6k: str = "int8",
+    mode: str = "q4_0",
+    bits: int = 4,
+    group_size: int = 32,
+    embed_bits: int | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert ``src`` into an MLX folder at ``out``; nothing is left at ``out`` if anything fails."""
+    import mlx.core as mx
+
+    dense_dtype = {None: None, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[dtype]
+    out = Path(out)
+    types: dict[str, str] = {}
+    exact: dict[str, bool] = {}
+
+    def tracked(it, total):
+        bar = tqdm(total=total, desc="converting", unit="tensor", disable=not progress)
+        for name, t in it:
+            types[name], exact[name] = t.source_type, t.exact
+            yield name, t
+            bar.update(1)
+        bar.close()
+
+    if is_gguf(src):
+        from .tokenizer import special_token_ids, tokenizer_from_gguf, write_tokenizer_files
+
+        reader = from_gguf.open_gguf(src)
+        cfg = from_gguf.config_from_gguf(reader)
+        tokenizer = tokenizer_from_gguf(reader)  # fail early, before any weight is written
+        ids = special_token_ids(reader)
+        with atomic_output_dir(out, force) as tmp:
+            config = cfg.to_dict()
+            it = tracked(from_gguf.iter_tensors(reader, q6k=q6k), len(reader.tensors))
+            _write(tmp, config, it, dense_dtype, ids)
+            write_tokenizer_files(tmp, tokenizer, **ids)
+            _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k))
+        return out
+
+    folder = from_hf.resolve(str(src))
+    if folder.is_file():
+        raise from_hf.HFError(f"{src}: not a GGUF file and not a model folder")
+    raw, cfg = from_hf.read_config(folder)
+    files = from_hf.weight_files(folder)
+    with atomic_output_dir(out, force) as tmp:
+        config = cfg.to_dict()
+        it = from_hf.iter_tensors(folder, cfg, mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits)
+        _write(tmp, config, tracked(it, None), dense_dtype, {"eos_id": raw.get("eos_token_id", 1)})
+        for f in from_hf.TOKENIZER_FILES:
+            if (folder / f).is_file():
+                shutil.copy(folder / f, tmp / f)
+        if not (tmp / "tokenizer.json").is_file() and not (tmp / "tokenizer.model").is_file():
+            raise from_hf.HFError(f"{folder}: no tokenizer.json or tokenizer.model")
+        opts = dict(mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits, weight_files=len(files))
+        _finish(tmp, _provenance(src, "safetensors", types, exact, **opts))
+    return out
+
+
+def _write(tmp: Path, config: dict, tensors, dense_dtype, ids: dict):
+    eos = ids.get("eos_id", 1)
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    config["eos_token_id"] = sorted(set(eos) | set(GEMMA3_EOS_IDS))
+    for k in ("bos_id", "pad_id"):
+        if k in ids:
+            config[k.replace("_id", "_token_id")] = ids[k]
+    write_model(tmp, config, tensors, dense_dtype=dense_dtype)
+
+
+def _finish(tmp: Path, provenance: dict):
+    cfg_path = tmp / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["mlx_gemma_qat"] = provenance
+    cfg_path.write_text(json.dumps(config, indent=2))

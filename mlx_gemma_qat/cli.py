@@ -1,0 +1,101 @@
+"""The ``mlx-gemma`` command line: convert, generate, inspect."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+
+def _clean_errors(fn):
+    """Expected failures (bad files, bad options) become one 'Error: ...' line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, KeyError) as e:
+            msg = str(e) if not isinstance(e, KeyError) else f"missing {e}"
+            raise click.ClickException(msg.splitlines()[0] if msg else type(e).__name__) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="mlx-gemma-qat")
+def main():
+    """Gemma 3 QAT models with MLX: exact conversion, generation, inspection."""
+
+
+@main.command()
+@click.argument("src")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output MLX folder.")
+@click.option("--q6k", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
+              help="Q6_K has no exact group-32 form: 8-bit re-grid (exact on one sub-block of two) or dense float32.")
+@click.option("--mode", type=click.Choice(["q4_0", "affine", "none"]), default="q4_0", show_default=True,
+              help="Float checkpoints: symmetric Q4_0 grid (QAT), MLX min/max affine, or keep floats.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits for --mode affine.")
+@click.option("--group-size", type=int, default=32, show_default=True, help="Group size for --mode affine.")
+@click.option("--embed-bits", type=int, default=None, help="Quantize a float embedding too (affine).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Storage dtype of dense tensors (default: as in the source).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_clean_errors
+def convert(src, out, q6k, mode, bits, group_size, embed_bits, dtype, force, quiet):
+    """Convert SRC (a GGUF file, a Hugging Face folder or repo id) into an MLX folder."""
+    from .convert import convert as run
+
+    path = run(src, out, q6k=q6k, mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits,
+               dtype=dtype, force=force, progress=not quiet)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@click.option("--prompt", "-p", required=True, help="Prompt text ('-' reads standard input).")
+@click.option("--max-tokens", "-n", type=int, default=256, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--chat/--raw", default=True, show_default=True, help="Apply the Gemma 3 chat template or not.")
+@click.option("--system", default=None, help="System prompt (folded into the first user turn).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
+@click.option("--prefill-step", type=int, default=256, show_default=True)
+@click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
+@_clean_errors
+def generate(model, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, dtype, prefill_step, stats):
+    """Generate text, streaming tokens as they come."""
+    from . import load
+    from .generate import format_stats, stream_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    m, tok = load(model, dtype=dtype)
+    last = None
+    for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                seed=seed, chat=chat, system=system, prefill_step_size=prefill_step):
+        click.echo(last.text, nl=False)
+    click.echo()
+    if stats and last is not None:
+        click.echo("=" * 10, err=True)
+        click.echo(format_stats(last), err=True)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--context", type=int, default=8192, show_default=True, help="Context length for the KV cache estimate.")
+@_clean_errors
+def inspect(path, context):
+    """Show architecture, per-tensor precision, size and memory of a GGUF file or MLX folder."""
+    from .inspect import format_report, inspect_path
+
+    click.echo(format_report(inspect_path(path), context))
+
+
+if __name__ == "__main__":
+    main()

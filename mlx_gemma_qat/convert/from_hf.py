@@ -1,0 +1,143 @@
+"""Read a Hugging Face Gemma 3 folder (safetensors + config.json) into MLX tensors.
+
+A bf16 QAT ("unquantized") checkpoint was trained against the symmetric Q4_0 grid (group 32), so by
+default its linear weights are put back on that grid: 4-bit, group 32, scale d, bias -8d. mlx-lm's
+min/max affine grid is available for comparison (``mode="affine"``), and ``mode="none"`` keeps the
+floats. The embedding (also the output head) stays in its float dtype unless ``embed_bits`` is
+given, as Google's own Q4_0 QAT files keep it in F16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from ..model.config import TextConfig
+from .grids import MLXTensor, quantize_affine, quantize_q4_0_grid
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_LINEAR = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+# Multimodal checkpoints nest the text model under one of these prefixes (transformers version dependent)
+_TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
+_SKIP_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+class HFError(ValueError):
+    """A folder that is not a usable Hugging Face Gemma 3 checkpoint."""
+
+
+def read_config(folder: Path) -> tuple[dict, TextConfig]:
+    p = folder / "config.json"
+    if not p.is_file():
+        raise HFError(f"{folder}: no config.json")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise HFError(f"{p}: not valid JSON ({e})") from None
+    return raw, TextConfig.from_dict(raw)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise HFError(f"{folder}: no *.safetensors weights")
+    return files
+
+
+def text_name(name: str) -> str | None:
+    """Hugging Face tensor name -> our text-model name; None for tensors the text model does not use."""
+    if name.startswith(_SKIP_PREFIXES):
+        return None
+    for p in _TEXT_PREFIXES:
+        if name.startswith(p):
+            name = "model." + name[len(p) :]
+            break
+    if name == "lm_head.weight" or name.startswith("model."):
+        return name
+    return None
+
+
+def _load_arrays(path: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except Exception as e:
+        raise HFError(f"{path}: unreadable safetensors ({e})") from None
+
+
+def _float_tensor(a: mx.array) -> MLXTensor:
+    if a.dtype == mx.bfloat16:
+        return MLXTensor(np.array(a.astype(mx.float32)), None, None, None, None, True, "BF16")
+    if a.dtype == mx.float16:
+        return MLXTensor(np.array(a), None, None, None, None, True, "F16")
+    return MLXTensor(np.array(a.astype(mx.float32)), None, None, None, None, True, "F32")
+
+
+def iter_tensors(
+    folder: Path,
+    cfg: TextConfig,
+    *,
+    mode: str = "q4_0",
+    bits: int = 4,
+    group_size: int = 32,
+    embed_bits: int | None = None,
+) -> Iterator[tuple[str, MLXTensor]]:
+    if mode not in ("q4_0", "affine", "none"):
+        raise HFError(f"unknown quantization mode {mode!r} (q4_0, affine or none)")
+    if mode == "q4_0" and (bits, group_size) != (4, 32):
+        raise HFError("the Q4_0 grid is 4-bit with group size 32; use --mode affine for other shapes")
+    seen = set()
+    for f in weight_files(folder):
+        arrays = _load_arrays(f)
+        for raw_name in list(arrays):
+            name = text_name(raw_name)
+            a = arrays.pop(raw_name)
+            if name is None:
+                continue
+            if cfg.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            seen.add(name)
+            t = _float_tensor(a)
+            is_embed = name == "model.embed_tokens.weight"
+            if mode != "none" and _LINEAR.search(name):
+                w = t.weight.astype(np.float32)
+                t = quantize_q4_0_grid(w) if mode == "q4_0" else quantize_affine(w, bits, group_size)
+            elif is_embed and embed_bits:
+                t = quantize_affine(t.weight.astype(np.float32), embed_bits, group_size)
+            yield name, t
+    if "model.embed_tokens.weight" not in seen:
+        raise HFError(f"{folder}: no embedding weight (model.embed_tokens.weight) in the safetensors files")
+    n_layers_seen = len({n.split(".")[2] for n in seen if n.startswith("model.layers.")})
+    if n_layers_seen != cfg.num_hidden_layers:
+        raise HFError(f"{folder}: weights cover {n_layers_seen} layers, config says {cfg.num_hidden_layers}")
+
+
+def resolve(src: str, *, offline: bool | None = None) -> Path:
+    """A local folder, or a Hugging Face repo id fetched through huggingface_hub (its cache works offline)."""
+    p = Path(src).expanduser()
+    if p.exists():
+        return p
+    if src.count("/") != 1 or src.startswith((".", "/")):
+        raise HFError(f"{src}: no such file or folder")
+    from huggingface_hub import snapshot_download
+
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(src, allow_patterns=patterns, local_files_only=offline))
+    except Exception as e:
+        raise HFError(f"{src}: not a local path and not downloadable from the Hugging Face hub ({e})") from None

@@ -1,0 +1,201 @@
+"""Token generation: chunked prefill, sampled decode, streaming text, stop conditions, measured speed.
+
+The API has mlx-lm's shape (``stream_generate`` yields responses with ``.text``; ``generate`` returns
+the text), with samplers from mlx-lm. Prefill runs in chunks through the KV cache and computes the
+output head for the last prompt position only; decode overlaps the next step's graph with the
+current token's evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .model.cache import cache_nbytes
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text segment
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB, process peak as MLX reports it
+    cache_bytes: int  # KV cache allocated now
+    finish_reason: str | None = None  # "stop", "length" or None while streaming
+
+
+def prefill(model, tokens: mx.array, cache: list, step: int = 256) -> mx.array:
+    """Run the prompt through the cache in chunks; return the logits of its last position."""
+    n = tokens.size
+    pos = 0
+    while n - pos > step:
+        model.model(tokens[None, pos : pos + step], cache)
+        mx.eval([c.state for c in cache])
+        pos += step
+    h = model.model(tokens[None, pos:], cache)
+    return model.head(h[:, -1:, :])[:, -1, :]
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    max_tokens: int = 256,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    cache: list | None = None,
+    prefill_step_size: int = 256,
+    on_prefill_done: Callable[[], None] | None = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs) pairs, one per decode step."""
+    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    cache = cache if cache is not None else model.make_cache()
+
+    def pick(logits):
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    y, lp = pick(prefill(model, prompt, cache, prefill_step_size))
+    mx.eval(y, lp)
+    if on_prefill_done is not None:
+        on_prefill_done()
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            ny, nlp = pick(model(y[:, None], cache)[:, -1, :])
+            mx.async_eval(ny, nlp)
+        yield int(y.item()), lp[0]
+        if n + 1 < max_tokens:
+            y, lp = ny, nlp
+
+
+def _context_limit(model) -> int:
+    return int(model.cfg.max_position_embeddings)
+
+
+def encode_prompt(tokenizer, prompt: str | list[int], *, chat: bool = True, system: str | None = None) -> list[int]:
+    """Token ids for a prompt: through the chat template when asked, else raw (BOS added once)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    if system:
+        prompt = system + "\n\n" + prompt
+    return list(tokenizer.encode(prompt))
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[int],
+    max_tokens: int = 256,
+    *,
+    sampler: Callable | None = None,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    chat: bool = True,
+    system: str | None = None,
+    stop_strings: list[str] | None = None,
+    prefill_step_size: int = 256,
+    cache: list | None = None,
+) -> Iterator[GenerationResponse]:
+    """Stream a completion. ``prompt`` is text (chat template applied if ``chat``) or token ids."""
+    if seed is not None:
+        mx.random.seed(seed)
+    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system)
+    limit = _context_limit(model)
+    if not ids:
+        raise ValueError("empty prompt")
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    if len(ids) >= limit:
+        raise ContextLengthError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
+    max_tokens = min(max_tokens, limit - len(ids))
+    sampler = sampler or make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    cache = cache if cache is not None else model.make_cache()
+
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    t_prefill = [None]
+
+    def prefill_done():
+        t_prefill[0] = time.perf_counter()
+
+    steps = generate_step(
+        mx.array(ids), model, max_tokens=max_tokens, sampler=sampler, cache=cache,
+        prefill_step_size=prefill_step_size, on_prefill_done=prefill_done,
+    )
+    n, text_so_far, finish = 0, "", None
+    for n, (token, _) in enumerate(steps, 1):
+        if token in eos:
+            finish = "stop"
+            break
+        detok.add_token(token)
+        segment = detok.last_segment
+        if stop_strings:
+            text_so_far += segment
+            hit = next((s for s in stop_strings if s in text_so_far), None)
+            if hit is not None:
+                cut = text_so_far.index(hit)
+                segment = segment[: max(0, len(segment) - (len(text_so_far) - cut))]
+                finish = "stop"
+        done = finish is not None or n == max_tokens
+        yield _response(segment, token, len(ids), n, t0, t_prefill[0], cache, finish or ("length" if done else None))
+        if done:
+            return
+    detok.finalize()
+    yield _response(detok.last_segment, token, len(ids), n, t0, t_prefill[0], cache, finish or "length")
+
+
+def _response(text, token, n_prompt, n_gen, t0, t_prefill, cache, finish):
+    now = time.perf_counter()
+    prompt_time = (t_prefill or now) - t0
+    gen_time = now - (t_prefill or now)
+    return GenerationResponse(
+        text=text,
+        token=token,
+        prompt_tokens=n_prompt,
+        prompt_tps=n_prompt / prompt_time if prompt_time > 0 else 0.0,
+        generation_tokens=n_gen,
+        generation_tps=(n_gen - 1) / gen_time if gen_time > 0 and n_gen > 1 else 0.0,
+        peak_memory=mx.get_peak_memory() / 1e9,
+        cache_bytes=cache_nbytes(cache),
+        finish_reason=finish,
+    )
+
+
+def generate(model, tokenizer, prompt: str | list[int], max_tokens: int = 256, *, verbose: bool = False, **kwargs) -> str:
+    """Generate a completion and return its text (printing it as it streams when ``verbose``)."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(format_stats(last))
+    return text
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.2f} tokens-per-sec\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens-per-sec\n"
+        f"Peak memory: {r.peak_memory:.3f} GB (KV cache {r.cache_bytes / 2**20:.1f} MiB)"
+    )

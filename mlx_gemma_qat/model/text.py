@@ -1,0 +1,166 @@
+"""Gemma 3 text model in MLX (every size: 270M, 1B, 4B, 12B, 27B from their configs).
+
+Per block: pre-norm attention with QK-norm and RoPE (local base on sliding layers, global base and
+optional linear scaling on global ones), post-attention norm, pre-FFN norm, gated GELU(tanh) MLP,
+post-FFN norm; (1 + w) RMSNorm everywhere; embeddings scaled by sqrt(hidden) in the compute dtype;
+tied output head. Module names follow Hugging Face so weights load by name (mlx-lm reads them too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import make_cache
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: the stored weight w scales by (1 + w)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = d = cfg.head_dim
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if cfg.is_sliding(layer):
+            self.rope_base, self.rope_scale = cfg.rope_local_base_freq, 1.0
+        else:
+            self.rope_base, self.rope_scale = cfg.rope_theta, cfg.rope_scale
+
+    def _rope(self, x, offset):
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale, offset=offset
+        )
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self._rope(q, offset), self._rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def __call__(self, x, mask, cache=None):
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+def attention_mask(q_pos: mx.array, k_pos: mx.array | None, window: int | None) -> mx.array | None:
+    """Boolean (L, N) mask from absolute positions; None when every key is visible."""
+    if k_pos is None:
+        return None
+    qi, kj = q_pos[:, None], k_pos[None, :]
+    visible = kj <= qi
+    if window is not None:
+        visible = visible & (qi - kj < window)
+    return visible
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [TransformerBlock(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.compute_dtype = mx.float32  # set by the loader from the device
+
+    def _masks(self, L: int, cache: list | None) -> dict[bool, mx.array | None]:
+        """One mask per layer kind (keyed by is_sliding), from the positions its caches report."""
+        if L == 1:
+            return {True: None, False: None}  # a new token sees every key its cache hands back
+        cfg = self.cfg
+        offset = cache[0].offset if cache is not None else 0
+        q_pos = mx.arange(offset, offset + L)
+        masks = {}
+        for sliding in (True, False):
+            idx = next((i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding), None)
+            if idx is not None:
+                k_pos = mx.arange(L) if cache is None else cache[idx].key_positions(L)
+                masks[sliding] = attention_mask(q_pos, k_pos, cfg.sliding_window if sliding else None)
+        return masks
+
+    def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings: mx.array | None = None):
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        h = h.astype(self.compute_dtype)
+        h = h * mx.array(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
+        masks = self._masks(h.shape[1], cache)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, masks[self.cfg.is_sliding(i)], cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Gemma 3 causal LM with the output head tied to the (possibly quantized) embedding."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model_type = cfg.model_type
+        self.model = Gemma3Model(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings: mx.array | None = None):
+        return self.head(self.model(inputs, cache, input_embeddings))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from final hidden states (generation applies it to the last position only)."""
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        return make_cache(self.cfg)

@@ -1,0 +1,33 @@
+import mlx.core as mx
+import pytest
+
+from mlx_gemma_qat.model.config import TextConfig
+from mlx_gemma_qat.model.text import Model
+
+
+def tiny_config(**kw) -> TextConfig:
+    args = dict(
+        hidden_size=64, num_hidden_layers=8, intermediate_size=128, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, vocab_size=256, sliding_window=8,
+        query_pre_attn_scalar=32.0, max_position_embeddings=512,
+    )
+    args.update(kw)
+    return TextConfig(**args)
+
+
+def random_model(cfg: TextConfig, seed: int = 0) -> Model:
+    """A tiny Gemma 3 with random weights, norms included (so (1+w) mistakes show)."""
+    mx.random.seed(seed)
+    model = Model(cfg)
+    params = model.parameters()
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    flat = [(k, mx.random.normal(v.shape) * (0.3 if "norm" in k else 0.08)) for k, v in tree_flatten(params)]
+    model.update(tree_unflatten(flat))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return random_model(tiny_config())

@@ -1,0 +1,70 @@
+"""The KV caches: chunked prefill and decode through them equal one full forward without cache."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import random_model, tiny_config
+from mlx_gemma_qat.model.cache import KVCache, RotatingKVCache, cache_nbytes
+
+
+def _run_chunks(model, tokens, chunks):
+    cache = model.make_cache()
+    outs, pos = [], 0
+    for n in chunks:
+        outs.append(model(tokens[:, pos : pos + n], cache=cache))
+        mx.eval(outs[-1])
+        pos += n
+    assert pos == tokens.shape[1]
+    return mx.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [40],  # one prefill, longer than the window
+        [1] * 40,  # pure decode: the ring wraps several times
+        [5, 3, 1, 1, 12, 1, 17],  # mixed chunks across window boundaries
+        [8, 8, 8, 8, 8],  # chunks exactly the window
+        [20] + [1] * 20,  # prefill past the window, then decode
+    ],
+)
+def test_cached_equals_full_forward(tiny_model, chunks):
+    tokens = mx.array(np.random.default_rng(1).integers(0, 256, (1, sum(chunks))))
+    full = tiny_model(tokens)
+    cached, _ = _run_chunks(tiny_model, tokens, chunks)
+    np.testing.assert_allclose(np.array(cached), np.array(full), atol=2e-4, rtol=1e-4)
+
+
+def test_sliding_window_changes_logits():
+    """The same weights with a bigger window give different logits past the window: the mask matters."""
+    tokens = mx.array(np.random.default_rng(2).integers(0, 256, (1, 30)))
+    a = random_model(tiny_config(sliding_window=8))(tokens)
+    b = random_model(tiny_config(sliding_window=64))(tokens)
+    np.testing.assert_allclose(np.array(a[:, :8]), np.array(b[:, :8]), atol=1e-5)
+    assert np.abs(np.array(a[:, 20:]) - np.array(b[:, 20:])).max() > 1e-3
+
+
+def test_cache_memory_matches_theory(tiny_model):
+    cfg = tiny_model.cfg
+    tokens = mx.array(np.random.default_rng(3).integers(0, 256, (1, 256)))
+    _, cache = _run_chunks(tiny_model, tokens, [100, 100, 56])
+    for c in cache:
+        mx.eval(c.state)
+    # global layers hold exactly the context (256 = one step), sliding layers exactly the window
+    assert cache_nbytes(cache) == cfg.kv_cache_bytes(256, bytes_per_element=4)
+    sliding = [c for c in cache if isinstance(c, RotatingKVCache)]
+    assert all(c.keys.shape[2] == cfg.sliding_window for c in sliding)
+    assert all(isinstance(c, KVCache) for i, c in enumerate(cache) if not cfg.is_sliding(i))
+
+
+def test_rotating_cache_positions():
+    c = RotatingKVCache(4)
+    k = mx.zeros((1, 1, 6, 2))
+    assert c.key_positions(6).tolist() == list(range(6))
+    c.update_and_fetch(k, k)
+    assert c.keys.shape[2] == 4 and c.offset == 6
+    assert c.key_positions(3).tolist() == [2, 3, 4, 5, 6, 7, 8]
+    assert c.key_positions(1) is None  # full ring: a single token sees all of it
+    with pytest.raises(ValueError):
+        RotatingKVCache(0)
