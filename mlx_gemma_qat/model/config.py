@@ -140,6 +140,9 @@ class TextConfig:
     def to_dict(self) -> dict[str, Any]:
         """Both dialects: transformers 5 keys and the flat keys mlx-lm and older tools read."""
         d = asdict(self)
+        if float(self.query_pre_attn_scalar).is_integer():  # transformers validates it as an int
+            d["query_pre_attn_scalar"] = int(self.query_pre_attn_scalar)
+        d["rms_norm_eps"] = float(f"{self.rms_norm_eps:.7g}")  # GGUF stores it as float32
         d["architectures"] = ["Gemma3ForCausalLM"]
         d["sliding_window_pattern"] = self.sliding_window_pattern
         d["hidden_activation"] = "gelu_pytorch_tanh"
