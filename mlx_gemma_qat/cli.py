@@ -63,7 +63,8 @@ def convert(src, out, q6k, dequantize, mode, bits, group_size, embed_bits, dtype
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--min-p", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=None)
-@click.option("--chat/--raw", default=True, show_default=True, help="Apply the Gemma 3 chat template or not.")
+@click.option("--chat/--raw", default=None,
+              help="Apply the chat template or not (default: when the model ships one, i.e. instruction-tuned).")
 @click.option("--system", default=None, help="System prompt (folded into the first user turn).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")

@@ -82,13 +82,21 @@ def _context_limit(model) -> int:
     return int(model.cfg.max_position_embeddings)
 
 
-def encode_prompt(tokenizer, prompt: str | list[int], *, chat: bool = True, system: str | None = None) -> list[int]:
-    """Token ids for a prompt: through the chat template when asked, else raw (BOS added once)."""
+def encode_prompt(tokenizer, prompt: str | list[int], *, chat: bool | None = None, system: str | None = None) -> list[int]:
+    """Token ids for a prompt: through the chat template or raw (BOS added once).
+
+    ``chat=None`` applies the template when the model ships one (instruction-tuned models do; a base
+    model's GGUF has none); ``chat=True`` falls back to the Gemma 3 template.
+    """
     if not isinstance(prompt, str):
         return list(prompt)
-    if chat and getattr(tokenizer, "chat_template", None):
+    own = getattr(tokenizer, "chat_template", None)
+    if chat or (chat is None and own):
+        from .convert.tokenizer import GEMMA3_CHAT_TEMPLATE
+
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        kw = {} if own else {"chat_template": GEMMA3_CHAT_TEMPLATE}
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kw))
     if system:
         prompt = system + "\n\n" + prompt
     return list(tokenizer.encode(prompt))
@@ -106,7 +114,7 @@ def stream_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     seed: int | None = None,
-    chat: bool = True,
+    chat: bool | None = None,
     system: str | None = None,
     stop_strings: list[str] | None = None,
     prefill_step_size: int = 256,

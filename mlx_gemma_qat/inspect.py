@@ -168,6 +168,7 @@ def inspect_path(path: str | Path) -> Report:
 
 def format_report(rep: Report, context: int) -> str:
     c = rep.config
+    context = min(context, c.max_position_embeddings)
     n_sliding = sum(c.is_sliding(i) for i in range(c.num_hidden_layers))
     lines = [
         f"{rep.path}  [{rep.fmt}]",

@@ -53,7 +53,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -141,6 +140,18 @@ def old_config_dict(shape: dict, linear_factor: float, pattern: int) -> dict:
         "vocab_size": shape["vocab_size"],
     }
     return d
+
+
+OWNED = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def clear_owned(folder: Path) -> None:
+    """Remove only the files this script writes; other files (e.g. the tokenizer.json that
+    scripts/make_tiny_tokenizer.py adds to these folders) are kept."""
+    for name in OWNED:
+        (folder / name).unlink(missing_ok=True)
+    for f in folder.glob("model-*.safetensors"):
+        f.unlink()
 
 
 def randomize(model, seed: int) -> None:
@@ -307,8 +318,7 @@ def main() -> None:
     cfg = new_config(MAIN_SHAPE, None)
     model = Gemma3ForCausalLM(cfg)
     randomize(model, SEED)
-    if MAIN_DIR.exists():
-        shutil.rmtree(MAIN_DIR)
+    clear_owned(MAIN_DIR)
     model.to(torch.bfloat16).save_pretrained(MAIN_DIR)
     saved_cfg = json.loads((MAIN_DIR / "config.json").read_text())
     report["main_config_keys"] = sorted(saved_cfg)
@@ -350,8 +360,7 @@ def main() -> None:
     cfg_lin_new = new_config(LIN_SHAPE, LINEAR_FACTOR, lin_types)
     lin = Gemma3ForCausalLM(cfg_lin_new)
     randomize(lin, SEED + 1)
-    if LIN_DIR.exists():
-        shutil.rmtree(LIN_DIR)
+    clear_owned(LIN_DIR)
     lin.to(torch.bfloat16).save_pretrained(LIN_DIR)
     report["linrope_new_form_config_as_written_by_transformers"] = json.loads((LIN_DIR / "config.json").read_text())
     (LIN_DIR / "config.json").write_text(json.dumps(old_config_dict(LIN_SHAPE, LINEAR_FACTOR, LIN_PATTERN), indent=2) + "\n")
@@ -391,7 +400,8 @@ def main() -> None:
         raise RuntimeError(f"numpy reference disagrees with transformers (linear rope): {report}")
 
     np.savez_compressed(NPZ_PATH, **arrays)
-    total = sum(f.stat().st_size for d in (MAIN_DIR, LIN_DIR) for f in d.iterdir()) + NPZ_PATH.stat().st_size
+    total = sum(f.stat().st_size for d in (MAIN_DIR, LIN_DIR) for f in d.iterdir() if f.name in OWNED)
+    total += NPZ_PATH.stat().st_size
     report["fixture_bytes_total"] = total
     report["main_config_json"] = saved_cfg
     print(json.dumps(report, indent=1, default=str))

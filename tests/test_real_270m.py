@@ -47,11 +47,23 @@ def test_logits_default_route_close_to_transformers(real_270m, ref):
         assert top == set(ref["capital_top20_ids"][pos][:5])
 
 
-@pytest.mark.parametrize("case", ["gen_raw_capital", "gen_chat_boiling"])
-def test_greedy_token_identical(real_270m, ref, case):
+@pytest.mark.parametrize("case", ["gen_raw_capital", "gen_raw_fibonacci", "gen_chat_boiling", "gen_chat_sky"])
+def test_greedy_token_identical_exact_route(real_270m_exact, ref, case):
+    """24 greedy tokens identical to transformers (its top-2 margins go down to 0.012 logits)."""
+    model = load_model(real_270m_exact)
+    expected = [int(t) for t in ref[f"{case}_ids"]]
+    assert _greedy(model, ref[f"{case}_prompt_ids"], len(expected)) == expected
+
+
+def test_greedy_default_route_identical_until_a_near_tie(real_270m, ref):
+    """The default route differs from transformers by < 0.25 in logits: tokens agree until a tie that close."""
     model = load_model(real_270m)
-    expected = [int(t) for t in ref[f"{case}_ids"][:16]]
-    assert _greedy(model, ref[f"{case}_prompt_ids"], 16) == expected
+    for case in ("gen_raw_capital", "gen_chat_boiling"):
+        margins = ref[f"{case}_margins"]
+        n = int(np.argmax(margins < 0.25)) if (margins < 0.25).any() else len(margins)
+        n = max(n, 4)
+        expected = [int(t) for t in ref[f"{case}_ids"][:n]]
+        assert _greedy(model, ref[f"{case}_prompt_ids"], n) == expected
 
 
 def test_perplexity_within_half_percent(real_270m, ref):

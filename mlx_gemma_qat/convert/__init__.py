@@ -79,7 +79,10 @@ def convert(
             config = cfg.to_dict()
             it = tracked(from_gguf.iter_tensors(reader, q6k=q6k, dequantize=dequantize), len(reader.tensors))
             _write(tmp, config, it, dense_dtype, ids)
-            write_tokenizer_files(tmp, tokenizer, **ids)
+            # A GGUF carries a chat template only when its model was tuned for chat (Google's -it
+            # files do); base models get none, so generation defaults to plain completion for them.
+            template = from_gguf.field(reader, "tokenizer.chat_template")
+            write_tokenizer_files(tmp, tokenizer, **ids, chat_template=template)
             _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize))
         return out
 

@@ -1,0 +1,71 @@
+"""GGUF route end to end on tiny files written like llama.cpp's: converted model == gguf-py's values."""
+
+import json
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gguf_factory import TINY, write_tiny_gguf
+from mlx_gemma_qat.convert import convert
+from mlx_gemma_qat.model.load import load_model
+
+QT = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def dense_model(tmp_path_factory):
+    return load_model(convert(TINY, tmp_path_factory.mktemp("d") / "m", mode="none", progress=False))
+
+
+@pytest.mark.parametrize(
+    "linear,embed",
+    [(QT.Q4_0, QT.F16), (QT.Q4_1, QT.Q8_0), (QT.Q5_0, QT.BF16), (QT.Q5_1, QT.F32), (QT.Q8_0, QT.Q4_0)],
+)
+def test_converted_model_equals_gguf_py_weights(tmp_path, dense_model, linear, embed):
+    """Logits of the converted (quantized) model equal a float model holding gguf-py's dequantized weights."""
+    expected = write_tiny_gguf(tmp_path / "t.gguf", linear, embed)
+    model = load_model(convert(tmp_path / "t.gguf", tmp_path / "m", progress=False))
+    dense_model.load_weights([(k, mx.array(v)) for k, v in expected.items()])
+    x = mx.array(np.random.default_rng(0).integers(0, 512, (1, 40)))
+    np.testing.assert_allclose(np.array(model(x)), np.array(dense_model(x)), atol=2e-5, rtol=0)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["mlx_gemma_qat"]["inexact_tensors"] == []
+    assert cfg["sliding_window"] == 16 and cfg["num_hidden_layers"] == 8
+
+
+def test_google_qat_layout_keeps_f16_embedding(tmp_path):
+    write_tiny_gguf(tmp_path / "t.gguf", QT.Q4_0, QT.F16)
+    out = convert(tmp_path / "t.gguf", tmp_path / "m", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "model.embed_tokens" not in cfg["quantization"]
+    assert cfg["quantization"]["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    w = mx.load(str(next(out.glob("*.safetensors"))))
+    assert w["model.embed_tokens.weight"].dtype == mx.float16
+    assert w["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float16  # as stored in the GGUF
+
+
+def test_norms_lose_llama_cpp_plus_one(tmp_path):
+    expected = write_tiny_gguf(tmp_path / "t.gguf")
+    out = convert(tmp_path / "t.gguf", tmp_path / "m", progress=False)
+    w = mx.load(str(next(out.glob("*.safetensors"))))
+    np.testing.assert_array_equal(np.array(w["model.norm.weight"]), expected["model.norm.weight"])
+    hf = mx.load(str(TINY / "model.safetensors"))
+    np.testing.assert_array_equal(np.array(w["model.norm.weight"]), np.array(hf["model.norm.weight"].astype(mx.float32)))
+
+
+def test_dequantize_export_is_hf_form(tmp_path):
+    expected = write_tiny_gguf(tmp_path / "t.gguf")
+    out = convert(tmp_path / "t.gguf", tmp_path / "hf", dequantize=True, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization" not in cfg
+    w = mx.load(str(next(out.glob("*.safetensors"))))
+    np.testing.assert_array_equal(np.array(w["model.layers.2.mlp.up_proj.weight"]), expected["model.layers.2.mlp.up_proj.weight"])
+
+
+def test_base_gguf_gets_no_chat_template(tmp_path):
+    write_tiny_gguf(tmp_path / "t.gguf")
+    out = convert(tmp_path / "t.gguf", tmp_path / "m", progress=False)
+    tcfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "chat_template" not in tcfg
