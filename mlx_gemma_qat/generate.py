@@ -149,26 +149,53 @@ def stream_generate(
         mx.array(ids), model, max_tokens=max_tokens, sampler=sampler, cache=cache,
         prefill_step_size=prefill_step_size, on_prefill_done=prefill_done,
     )
-    n, text_so_far, finish = 0, "", None
+    stops = _StopStrings(stop_strings or [])
+    n, token, finish, text = 0, None, None, ""
     for n, (token, _) in enumerate(steps, 1):
         if token in eos:
             finish = "stop"
+            detok.finalize()
+            text = stops.flush(detok.last_segment)  # what the detokenizer or the stop check held back
             break
         detok.add_token(token)
-        segment = detok.last_segment
-        if stop_strings:
-            text_so_far += segment
-            hit = next((s for s in stop_strings if s in text_so_far), None)
-            if hit is not None:
-                cut = text_so_far.index(hit)
-                segment = segment[: max(0, len(segment) - (len(text_so_far) - cut))]
-                finish = "stop"
-        done = finish is not None or n == max_tokens
-        yield _response(segment, token, len(ids), n, t0, t_prefill[0], cache, finish or ("length" if done else None))
-        if done:
-            return
-    detok.finalize()
-    yield _response(detok.last_segment, token, len(ids), n, t0, t_prefill[0], cache, finish or "length")
+        text, hit = stops.feed(detok.last_segment)
+        if hit:
+            finish = "stop"
+            break
+        if n == max_tokens:
+            detok.finalize()
+            text += stops.flush(detok.last_segment)
+            break
+        yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, None)
+    yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, finish or "length")
+
+
+class _StopStrings:
+    """Streams text while holding back any tail that could still grow into a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, segment: str) -> tuple[str, bool]:
+        self.text += segment
+        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.sent = self.text[self.sent : min(hits)], len(self.text)
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(self.sent, len(self.text) - keep)
+        out, self.sent = self.text[self.sent : end], end
+        return out, False
+
+    def flush(self, segment: str = "") -> str:
+        out, hit = self.feed(segment)
+        if hit:
+            return out
+        out += self.text[self.sent :]
+        self.sent = len(self.text)
+        return out
 
 
 def _response(text, token, n_prompt, n_gen, t0, t_prefill, cache, finish):

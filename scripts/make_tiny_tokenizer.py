@@ -27,10 +27,13 @@ def build(vocab_size: int) -> Tokenizer:
         if len(vocab) >= vocab_size:
             break
         vocab.setdefault(p, len(vocab))
+    while len(vocab) < vocab_size:  # every model id decodes to something
+        vocab[f"<extra{len(vocab)}>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"])
+    tok.add_tokens([t for t in vocab if t.startswith("<extra")])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     return tok
 

@@ -68,3 +68,28 @@ def test_rotating_cache_positions():
     assert c.key_positions(1) is None  # full ring: a single token sees all of it
     with pytest.raises(ValueError):
         RotatingKVCache(0)
+
+
+def test_reported_cache_memory_is_what_mlx_holds():
+    """After a long chunked prefill and decode, MLX's active memory grows by exactly what the cache reports."""
+    import gc
+
+    from mlx_gemma_qat.generate import prefill
+
+    model = random_model(tiny_config(sliding_window=64, num_hidden_layers=6, head_dim=256, num_key_value_heads=2))
+    x = mx.array(np.random.default_rng(0).integers(0, 256, 1024))
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    cache = model.make_cache()
+    mx.eval(prefill(model, x, cache, step=256))
+    for _ in range(100):
+        mx.eval(model(mx.array([[5]]), cache=cache))
+    gc.collect()
+    mx.clear_cache()
+    held = mx.get_active_memory() - base
+    assert abs(held - cache_nbytes(cache)) < 4096, (held, cache_nbytes(cache))
+    # sliding layers: exactly the window; global layer: the context rounded up to the 256-token step
+    step_ctx = -(-1124 // 256) * 256
+    per_tok = 2 * 2 * 256 * 4
+    assert cache_nbytes(cache) == per_tok * (5 * 64 + 1 * step_ctx)

@@ -110,8 +110,9 @@ class RotatingKVCache:
         self.offset += L
         self._start = 0
         if keys.shape[2] > self.window:
-            self.keys = keys[..., -self.window :, :]
-            self.values = values[..., -self.window :, :]
+            # a copy, not a view: a view would keep the whole (history + chunk) buffer alive
+            self.keys = mx.contiguous(keys[..., -self.window :, :])
+            self.values = mx.contiguous(values[..., -self.window :, :])
         else:
             self.keys, self.values = keys, values
         return keys, values
