@@ -94,3 +94,13 @@ def test_converted_folder_reports_exactness(real_270m):
     assert prov["source_types"] == {"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10}
     assert len(prov["inexact_tensors"]) == 9 and all("down_proj" in n for n in prov["inexact_tensors"])
     assert cfg["quantization"]["model.embed_tokens"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+
+
+def test_mlx_lm_loads_the_converted_folder(real_270m, ref):
+    """The folder is standard: mlx_lm.load reads it and predicts the same next token."""
+    from mlx_lm import load as mlx_lm_load
+
+    model, tokenizer = mlx_lm_load(str(real_270m))
+    assert tokenizer.encode("The capital of France is") == [int(t) for t in ref["capital_ids"]]
+    logits = model(mx.array(ref["capital_ids"][None]))
+    assert int(mx.argmax(logits[0, -1]).item()) == int(np.argmax(ref["capital_last_logits"]))
