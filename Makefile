@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PROMPT ?= Write a haiku about the sea.
+PROMPT ?= The three primary colours are
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

@@ -105,7 +105,9 @@ def speed(cmd: list[str]) -> dict:
     missing = set(STAT) - set(stats)
     if missing:
         raise RuntimeError(f"no {sorted(missing)} in output of {shlex.join(cmd)}:\n{text[-2000:]}")
-    stats.update(wall=wall, rss=rss, text=text.split("==========")[0].strip()[-200:])
+    body = [ln for ln in text.splitlines() if ln.strip() != "=" * 10 and not re.match(r"(Prompt|Generation|Peak memory):", ln)
+            and not ln.startswith(("[INFO]", "[WARNING]"))]
+    stats.update(wall=wall, rss=rss, text=" ".join(body).strip()[-200:])
     return stats
 
 
@@ -183,11 +185,15 @@ def reference_ppl(n: int) -> float | None:
 # ---------------------------------------------------------------- report
 
 
+def disk_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 1e6
+
+
 def fmt(v, spec=".2f"):
     return "—" if v is None else format(v, spec)
 
 
-def ratio(v, base, higher_better=True):
+def ratio(v, base):
     if v is None or base is None or base == 0:
         return "—"
     return f"{v / base:.2f}×"
@@ -195,14 +201,15 @@ def ratio(v, base, higher_better=True):
 
 def table(rows: list[dict], base_names=("mlx-lm default", "mlx-lm g32-f32")) -> str:
     base = [next((r for r in rows if r["system"] == b), {}) for b in base_names]
-    cols = ["prefill tok/s (6 tok)", "prefill tok/s (long)", "decode tok/s", "peak MLX GB", "max RSS GB", "perplexity"]
-    keys = ["prefill", "prefill_long", "decode", "peak", "rss", "ppl"]
+    cols = ["prefill tok/s (6 tok)", "prefill tok/s (long)", "decode tok/s", "peak MLX GB", "max RSS GB", "weights MB",
+            "perplexity"]
+    keys = ["prefill", "prefill_long", "decode", "peak", "rss", "disk", "ppl"]
     head = ["system", "settings"] + [f"{c}" for c in cols] + [f"{c.split(' (')[0]} vs {b}" for c in
                                                                    ("prefill (long)", "decode", "peak MLX", "perplexity")
                                                                    for b in ("default", "g32-f32")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["system"], r["settings"]] + [fmt(r.get(k), ".3f" if k in ("peak", "rss") else ".2f") for k in keys]
+        cells = [r["system"], r["settings"]] + [fmt(r.get(k), {"peak": ".3f", "rss": ".3f", "disk": ".0f"}.get(k, ".2f")) for k in keys]
         for k in ("prefill_long", "decode", "peak", "ppl"):
             cells += [ratio(r.get(k), b.get(k)) for b in base]
         lines.append("| " + " | ".join(cells) + " |")
@@ -270,9 +277,10 @@ def main():
     rows = []
     for name, settings, make, model, bf16 in systems:
         n = a.bf16_tokens if bf16 else a.max_tokens
-        r = {"system": name, "settings": settings + (f"; {n} new tokens" if n != a.max_tokens else "")}
+        r = {"system": name, "settings": settings + (f"; {n} new tokens" if n != a.max_tokens else ""),
+             "disk": disk_mb(model)}
         s = speed(make(model, SHORT_PROMPT, n))
-        r.update(prefill=s["prefill"], decode=s["decode"], peak=s["peak"], rss=s["rss"], sample=s["text"])
+        r.update(prompt_tokens=int(s["prompt_tokens"]), prefill=s["prefill"], decode=s["decode"], peak=s["peak"], rss=s["rss"], sample=s["text"])
         log(f"{name}: prefill {s['prefill']:.2f} decode {s['decode']:.2f} tok/s, peak {s['peak']:.3f} GB "
             f"({s['wall']:.0f} s): {s['text']!r}")
         if long_prompt and (not bf16 or a.long_bf16):
@@ -300,18 +308,22 @@ def main():
             if row is None:
                 settings = {"ours q6k-f32": "convert --q6k float32 (Q6_K kept dense)",
                             "mlx-lm dense f32": "the dense float32 HF form"}[name]
-                rows.append(row := {"system": name, "settings": settings + "; quality only"})
+                rows.append(row := {"system": name, "settings": settings + "; quality only", "disk": disk_mb(folder)})
             row["ppl"] = q["ppl"]
     t_ppl = time.perf_counter() - t_start - t_prep - t_speed
 
-    long_n = next((r["long_prompt_tokens"] for r in rows if "long_prompt_tokens" in r), None)
+    long_n = "/".join(map(str, sorted({r["long_prompt_tokens"] for r in rows if "long_prompt_tokens" in r}))) or "—"
     print("\n" + table(rows) + "\n")
+    n_prompt = sorted({r["prompt_tokens"] for r in rows if "prompt_tokens" in r})
     notes = [
-        f"- speed: greedy, raw prompt {SHORT_PROMPT!r} (6 tokens incl. BOS), {a.max_tokens} new tokens "
-        f"({a.bf16_tokens} for bfloat16 systems); long prefill: first {long_n} tokens of GPL-3 as text, "
-        f"1 new token{'' if a.long_bf16 else ', not run for bfloat16 systems'}. Each run is its own process at the "
+        f"- speed: greedy, raw prompt {SHORT_PROMPT!r} ({'/'.join(map(str, n_prompt))} tokens incl. BOS), {a.max_tokens} new tokens "
+        f"({a.bf16_tokens} for bfloat16 systems); long prefill: "
+        + (f"the text of GPL-3's first tokens ({long_n} prompt tokens), 1 new token"
+           f"{'' if a.long_bf16 else ', not run for bfloat16 systems'}." if a.long_tokens else "not run.")
+        + " Each run is its own process at the "
         "tools' default settings; decode tok/s excludes prefill; 'peak MLX' is MLX's peak allocation, "
-        "'max RSS' the process's resident peak (both max over its runs).",
+        "'max RSS' the process's resident peak (both max over its runs); 'weights MB' the safetensors on disk "
+        "(ours keeps the GGUF's Q8_0 embedding/output head at 8 bits; mlx-lm re-quantizes it to 4 bits).",
         f"- perplexity: BOS + first {a.ppl_tokens - 1} tokens of GPL-3 (our tokenizer, same ids for all), "
         f"chunks of {a.ppl_chunk} through the KV cache, float32 compute (bf16 parameters cast up)"
         + (f"; transformers float32 reference on the GGUF's dequantized weights: {ref:.3f}" if ref else "") + ".",
