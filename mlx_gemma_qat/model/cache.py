@@ -14,7 +14,22 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-class KVCache:
+class _Cache:
+    keys: mx.array | None
+    values: mx.array | None
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return [self.keys, self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(_Cache):
     """Growing cache for global-attention layers (pre-allocated in steps)."""
 
     step = 256
@@ -44,18 +59,8 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    @property
-    def state(self):
-        if self.keys is None:
-            return []
-        return [self.keys, self.values]
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-
-class RotatingKVCache:
+class RotatingKVCache(_Cache):
     """Window-sized cache for sliding-window layers.
 
     Holds at most ``window`` keys: the current token plus the ``window - 1`` before it, which is all
@@ -116,16 +121,6 @@ class RotatingKVCache:
         else:
             self.keys, self.values = keys, values
         return keys, values
-
-    @property
-    def state(self):
-        if self.keys is None:
-            return []
-        return [self.keys, self.values]
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 def make_cache(config) -> list:
