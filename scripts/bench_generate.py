@@ -12,7 +12,10 @@ prompt) so memory is per process; quality is perplexity on the first N tokens of
 (same ids for everyone), each model in its own process, float32 compute throughout.
 
     python scripts/bench_generate.py             # default, ~15-20 min on a 2-core CPU
-    python scripts/bench_generate.py --quick     # short prompt only, 256-token perplexity
+    python scripts/bench_generate.py --quick     # ~6 min: short prompt only, 256-token perplexity
+    python scripts/bench_generate.py --ppl-tokens 1024   # ~+12 min: the reference's full 1,024 tokens
+
+Measured here: a 512-token perplexity takes ~140 s per model (1,024: ~280 s), so the default is 512.
 """
 
 from __future__ import annotations
@@ -105,8 +108,8 @@ def speed(cmd: list[str]) -> dict:
     missing = set(STAT) - set(stats)
     if missing:
         raise RuntimeError(f"no {sorted(missing)} in output of {shlex.join(cmd)}:\n{text[-2000:]}")
-    body = [ln for ln in text.splitlines() if ln.strip() != "=" * 10 and not re.match(r"(Prompt|Generation|Peak memory):", ln)
-            and not ln.startswith(("[INFO]", "[WARNING]"))]
+    noise = re.compile(r"=+$|(Prompt|Generation|Peak memory):|\[(INFO|WARNING)\]")
+    body = [ln for ln in text.splitlines() if not noise.match(ln.strip())]
     stats.update(wall=wall, rss=rss, text=" ".join(body).strip()[-200:])
     return stats
 
@@ -204,12 +207,12 @@ def table(rows: list[dict], base_names=("mlx-lm default", "mlx-lm g32-f32")) -> 
     cols = ["prefill tok/s (6 tok)", "prefill tok/s (long)", "decode tok/s", "peak MLX GB", "max RSS GB", "weights MB",
             "perplexity"]
     keys = ["prefill", "prefill_long", "decode", "peak", "rss", "disk", "ppl"]
-    head = ["system", "settings"] + [f"{c}" for c in cols] + [f"{c.split(' (')[0]} vs {b}" for c in
-                                                                   ("prefill (long)", "decode", "peak MLX", "perplexity")
-                                                                   for b in ("default", "g32-f32")]
+    vs = [f"{c} vs {b}" for c in ("prefill (long)", "decode", "peak MLX", "perplexity") for b in ("default", "g32-f32")]
+    head = ["system", "settings"] + cols + vs
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["system"], r["settings"]] + [fmt(r.get(k), {"peak": ".3f", "rss": ".3f", "disk": ".0f"}.get(k, ".2f")) for k in keys]
+        digits = {"peak": ".3f", "rss": ".3f", "disk": ".0f"}
+        cells = [r["system"], r["settings"]] + [fmt(r.get(k), digits.get(k, ".2f")) for k in keys]
         for k in ("prefill_long", "decode", "peak", "ppl"):
             cells += [ratio(r.get(k), b.get(k)) for b in base]
         lines.append("| " + " | ".join(cells) + " |")
@@ -220,7 +223,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", help="GGUF file (default: the embedded genuine Gemma 3 270M Q4_K_M)")
     ap.add_argument("--workdir", help="where conversions are written and reused (default: a folder in the temp dir)")
-    ap.add_argument("--quick", action="store_true", help="short prompt only, 256-token perplexity, no bf16 runs")
+    ap.add_argument("--quick", action="store_true",
+                    help="short prompt only, 256-token perplexity, no ours-bf16 run, no dense check (~6 min)")
     ap.add_argument("--max-tokens", type=int, default=40, help="new tokens per speed run (default 40)")
     ap.add_argument("--bf16-tokens", type=int, default=16,
                     help="new tokens for bfloat16 runs (MLX CPU bf16 is ~9x slower; default 16)")
@@ -230,14 +234,16 @@ def main():
                     help="also time ours with --dtype bfloat16 (default on; off with --quick)")
     ap.add_argument("--ppl-tokens", type=int, default=512, help="perplexity over BOS + N-1 GPL-3 tokens (default 512)")
     ap.add_argument("--ppl-chunk", type=int, default=256)
-    ap.add_argument("--dense-ppl", action="store_true", help="also mlx-lm on the dense float32 HF form (sanity check)")
+    ap.add_argument("--dense-ppl", action=argparse.BooleanOptionalAction, default=True,
+                    help="perplexity of mlx-lm on the dense float32 HF form too, a check of the mlx-lm evaluation "
+                    "(default on; off with --quick)")
     ap.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     ap.add_argument("--_ppl", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._ppl:
         return ppl_worker(a._ppl[0], a._ppl[1], a._ppl[2], int(a._ppl[3]))
     if a.quick:
-        a.long_tokens, a.ours_bf16 = 0, False
+        a.long_tokens, a.ours_bf16, a.dense_ppl = 0, False, False
         if "--ppl-tokens" not in sys.argv:
             a.ppl_tokens = 256
 
@@ -267,8 +273,8 @@ def main():
 
     systems = [  # (name, settings, command maker, model folder, is bf16)
         ("ours", "exact GGUF blocks, group 32, float32 compute", lambda m, pr, n: ours_cmd(m, pr, n), p["ours"], False),
-        ("ours bf16", "exact GGUF blocks, --dtype bfloat16", lambda m, pr, n: ours_cmd(m, pr, n, "bfloat16"),
-         p["ours"], True),
+        ("ours bf16", "exact GGUF blocks, --dtype bfloat16 (scales/biases stay float32)",
+         lambda m, pr, n: ours_cmd(m, pr, n, "bfloat16"), p["ours"], True),
         ("mlx-lm default", "convert -q: 4-bit g64, bfloat16", mlxlm_cmd, p["mlxlm_g64_bf16"], True),
         ("mlx-lm g32-f32", "convert -q --q-group-size 32 --dtype float32", mlxlm_cmd, p["mlxlm_g32_f32"], False),
     ]
@@ -280,7 +286,8 @@ def main():
         r = {"system": name, "settings": settings + (f"; {n} new tokens" if n != a.max_tokens else ""),
              "disk": disk_mb(model)}
         s = speed(make(model, SHORT_PROMPT, n))
-        r.update(prompt_tokens=int(s["prompt_tokens"]), prefill=s["prefill"], decode=s["decode"], peak=s["peak"], rss=s["rss"], sample=s["text"])
+        r.update(prompt_tokens=int(s["prompt_tokens"]), prefill=s["prefill"], decode=s["decode"], peak=s["peak"],
+                 rss=s["rss"], sample=s["text"])
         log(f"{name}: prefill {s['prefill']:.2f} decode {s['decode']:.2f} tok/s, peak {s['peak']:.3f} GB "
             f"({s['wall']:.0f} s): {s['text']!r}")
         if long_prompt and (not bf16 or a.long_bf16):
@@ -316,7 +323,8 @@ def main():
     print("\n" + table(rows) + "\n")
     n_prompt = sorted({r["prompt_tokens"] for r in rows if "prompt_tokens" in r})
     notes = [
-        f"- speed: greedy, raw prompt {SHORT_PROMPT!r} ({'/'.join(map(str, n_prompt))} tokens incl. BOS), {a.max_tokens} new tokens "
+        f"- speed: greedy, raw prompt {SHORT_PROMPT!r} ({'/'.join(map(str, n_prompt))} tokens incl. BOS), "
+        f"{a.max_tokens} new tokens "
         f"({a.bf16_tokens} for bfloat16 systems); long prefill: "
         + (f"the text of GPL-3's first tokens ({long_n} prompt tokens), 1 new token"
            f"{'' if a.long_bf16 else ', not run for bfloat16 systems'}." if a.long_tokens else "not run.")
