@@ -93,12 +93,23 @@ class TransformerBlock(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-def attention_mask(q_pos: mx.array, k_pos: mx.array | None, window: int | None) -> mx.array | None:
-    """Boolean (L, N) mask from absolute positions; None when every key is visible."""
+def attention_mask(
+    q_pos: mx.array, k_pos: mx.array | None, window: int | None, groups: mx.array | None = None
+) -> mx.array | None:
+    """Boolean (L, N) mask from absolute positions; None when every key is visible.
+
+    ``groups`` (L,) labels the chunk's tokens with an image number (-1 for text): the tokens of one image
+    also see each other both ways (keys in the cache are earlier chunks and never share an image, since
+    prefill never splits an image across chunks).
+    """
     if k_pos is None:
         return None
     qi, kj = q_pos[:, None], k_pos[None, :]
     visible = kj <= qi
+    if groups is not None:
+        hist = k_pos.size - groups.size
+        kg = mx.concatenate([mx.full((hist,), -1, groups.dtype), groups]) if hist else groups
+        visible = visible | ((groups[:, None] == kg[None, :]) & (groups[:, None] >= 0))
     if window is not None:
         visible = visible & (qi - kj < window)
     return visible
@@ -113,7 +124,12 @@ class Gemma3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.compute_dtype = mx.float32  # set by the loader from the device
 
-    def _masks(self, L: int, cache: list | None) -> dict[bool, mx.array | None]:
+    def embed(self, ids: mx.array) -> mx.array:
+        """Token embeddings in the compute dtype, scaled by sqrt(hidden) (in that dtype, as transformers)."""
+        h = self.embed_tokens(ids).astype(self.compute_dtype)
+        return h * mx.array(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
+
+    def _masks(self, L: int, cache: list | None, groups: mx.array | None) -> dict[bool, mx.array | None]:
         """One mask per layer kind (keyed by is_sliding), from the positions its caches report."""
         if L == 1:
             return {True: None, False: None}  # a new token sees every key its cache hands back
@@ -125,14 +141,19 @@ class Gemma3Model(nn.Module):
             idx = next((i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding), None)
             if idx is not None:
                 k_pos = mx.arange(L) if cache is None else cache[idx].key_positions(L)
-                masks[sliding] = attention_mask(q_pos, k_pos, cfg.sliding_window if sliding else None)
+                masks[sliding] = attention_mask(q_pos, k_pos, cfg.sliding_window if sliding else None, groups)
         return masks
 
-    def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings: mx.array | None = None):
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
-        h = h.astype(self.compute_dtype)
-        h = h * mx.array(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
-        masks = self._masks(h.shape[1], cache)
+    def __call__(
+        self,
+        inputs: mx.array | None,
+        cache: list | None = None,
+        input_embeddings: mx.array | None = None,
+        image_groups: mx.array | None = None,
+    ):
+        """``input_embeddings`` are used as given (already scaled; image features are never scaled)."""
+        h = input_embeddings.astype(self.compute_dtype) if input_embeddings is not None else self.embed(inputs)
+        masks = self._masks(h.shape[1], cache, image_groups)
         for i, layer in enumerate(self.layers):
             h = layer(h, masks[self.cfg.is_sliding(i)], cache[i] if cache is not None else None)
         return self.norm(h)
@@ -149,8 +170,9 @@ class Model(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings: mx.array | None = None):
-        return self.head(self.model(inputs, cache, input_embeddings))
+    def __call__(self, inputs: mx.array, cache: list | None = None, input_embeddings: mx.array | None = None,
+                 image_groups: mx.array | None = None):
+        return self.head(self.model(inputs, cache, input_embeddings, image_groups))
 
     def head(self, h: mx.array) -> mx.array:
         """Logits from final hidden states (generation applies it to the last position only)."""
