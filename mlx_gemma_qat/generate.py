@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
 from .model.cache import cache_nbytes
@@ -35,15 +36,37 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop", "length" or None while streaming
 
 
-def prefill(model, tokens: mx.array, cache: list, step: int = 256) -> mx.array:
-    """Run the prompt through the cache in chunks; return the logits of its last position."""
-    n = tokens.size
-    pos = 0
-    while n - pos > step:
-        model.model(tokens[None, pos : pos + step], cache)
-        mx.eval([c.state for c in cache])
-        pos += step
-    h = model.model(tokens[None, pos:], cache)
+def chunk_bounds(n: int, step: int, groups: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Prefill chunks of about ``step`` tokens; a chunk is stretched so it never splits an image."""
+    bounds, start = [], 0
+    while start < n:
+        end = min(start + step, n)
+        if groups is not None:
+            while end < n and groups[end] >= 0 and groups[end] == groups[end - 1]:
+                end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def prefill(model, tokens: mx.array | None, cache: list, step: int = 256, *,
+            embeddings: mx.array | None = None, groups: mx.array | None = None) -> mx.array:
+    """Run the prompt through the cache in chunks; return the logits of its last position.
+
+    ``embeddings`` (1, L, D) replace token lookup (image prompts); ``groups`` (L,) mark image tokens.
+    """
+    n = embeddings.shape[1] if embeddings is not None else tokens.size
+    g_np = np.array(groups) if groups is not None else None
+    bounds = chunk_bounds(n, step, g_np)
+    for i, (a, b) in enumerate(bounds):
+        h = model.model(
+            tokens[None, a:b] if embeddings is None else None,
+            cache,
+            embeddings[:, a:b] if embeddings is not None else None,
+            groups[a:b] if groups is not None and (g_np[a:b] >= 0).any() else None,
+        )
+        if i + 1 < len(bounds):
+            mx.eval([c.state for c in cache])
     return model.head(h[:, -1:, :])[:, -1, :]
 
 
@@ -56,6 +79,8 @@ def generate_step(
     cache: list | None = None,
     prefill_step_size: int = 256,
     on_prefill_done: Callable[[], None] | None = None,
+    embeddings: mx.array | None = None,
+    groups: mx.array | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) pairs, one per decode step."""
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
@@ -65,7 +90,7 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
-    y, lp = pick(prefill(model, prompt, cache, prefill_step_size))
+    y, lp = pick(prefill(model, prompt, cache, prefill_step_size, embeddings=embeddings, groups=groups))
     mx.eval(y, lp)
     if on_prefill_done is not None:
         on_prefill_done()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .model.config import TextConfig
 
-_LAYER = re.compile(r"^(blk|model\.layers)\.\d+\.")
+_LAYER = re.compile(r"^(blk|model\.layers|language_model\.model\.layers)\.\d+\.")
+_VISION_LAYER = re.compile(r"^vision_tower\.encoder\.layers\.\d+\.")
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Report:
 
 
 def _group_name(name: str) -> str:
-    name = _LAYER.sub("layers.*.", name)
+    name = _VISION_LAYER.sub("vision_tower.layers.*.", _LAYER.sub("layers.*.", name))
     return name.removesuffix(".weight")
 
 

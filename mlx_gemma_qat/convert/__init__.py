@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..model.multimodal import MultimodalConfig, is_multimodal
 from . import from_gguf, from_hf
 from .writer import atomic_output_dir, write_model
 
@@ -91,9 +92,11 @@ def convert(
         raise from_hf.HFError(f"{src}: not a GGUF file and not a model folder")
     raw, cfg = from_hf.read_config(folder)
     files = from_hf.weight_files(folder)
+    vision = is_multimodal(raw)
     with atomic_output_dir(out, force) as tmp:
-        config = cfg.to_dict()
-        it = from_hf.iter_tensors(folder, cfg, mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits)
+        config = MultimodalConfig.from_dict(raw).to_dict() if vision else cfg.to_dict()
+        it = from_hf.iter_tensors(folder, cfg, mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits,
+                                  vision=vision)
         _write(tmp, config, tracked(it, None), dense_dtype, {"eos_id": raw.get("eos_token_id", 1)})
         for f in from_hf.TOKENIZER_FILES:
             if (folder / f).is_file():

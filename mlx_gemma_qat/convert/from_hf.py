@@ -22,6 +22,8 @@ from ..model.config import TextConfig
 from .grids import MLXTensor, quantize_affine, quantize_q4_0_grid
 
 TOKENIZER_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -56,6 +58,21 @@ def weight_files(folder: Path) -> list[Path]:
     if not files:
         raise HFError(f"{folder}: no *.safetensors weights")
     return files
+
+
+_VISION_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.", "vision_tower.")
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def vision_name(name: str) -> str | None:
+    """Vision tower / projector tensor name -> ours (``vision_tower.*``, ``multi_modal_projector.*``)."""
+    for p in _VISION_PREFIXES:
+        if name.startswith(p):
+            return "vision_tower." + name[len(p) :]
+    for p in _PROJECTOR_PREFIXES:
+        if name.startswith(p):
+            return "multi_modal_projector." + name[len(p) :]
+    return None
 
 
 def text_name(name: str) -> str | None:
@@ -94,7 +111,10 @@ def iter_tensors(
     bits: int = 4,
     group_size: int = 32,
     embed_bits: int | None = None,
+    vision: bool = False,
 ) -> Iterator[tuple[str, MLXTensor]]:
+    """Text tensors (quantized as asked); with ``vision``, also the vision tower and projector, kept in
+    their float dtype, and the text tensors named ``language_model.*``."""
     if mode not in ("q4_0", "affine", "none"):
         raise HFError(f"unknown quantization mode {mode!r} (q4_0, affine or none)")
     if mode == "q4_0" and (bits, group_size) != (4, 32):
@@ -103,8 +123,13 @@ def iter_tensors(
     for f in weight_files(folder):
         arrays = _load_arrays(f)
         for raw_name in list(arrays):
-            name = text_name(raw_name)
             a = arrays.pop(raw_name)
+            vname = vision_name(raw_name)
+            if vname is not None:
+                if vision:
+                    yield vname, _float_tensor(a)
+                continue
+            name = text_name(raw_name)
             if name is None:
                 continue
             if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -117,7 +142,7 @@ def iter_tensors(
                 t = quantize_q4_0_grid(w) if mode == "q4_0" else quantize_affine(w, bits, group_size)
             elif is_embed and embed_bits:
                 t = quantize_affine(t.weight.astype(np.float32), embed_bits, group_size)
-            yield name, t
+            yield ("language_model." + name if vision else name), t
     if "model.embed_tokens.weight" not in seen:
         raise HFError(f"{folder}: no embedding weight (model.embed_tokens.weight) in the safetensors files")
     n_layers_seen = len({n.split(".")[2] for n in seen if n.startswith("model.layers.")})

@@ -17,6 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .config import TextConfig
+from .multimodal import Model as MultimodalModel
+from .multimodal import MultimodalConfig, is_multimodal
 from .text import Model
 
 
@@ -77,17 +79,21 @@ def _quantize_as_config(model: nn.Module, config: dict, weights: dict):
     )
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False):
     path = Path(path)
     config = read_config(path)
-    cfg = TextConfig.from_dict(config)
     dtype = parse_dtype(dtype)
     if dtype == mx.float16:
         raise ValueError("float16 compute overflows Gemma 3 activations; use float32 or bfloat16")
-    model = Model(cfg)
+    if is_multimodal(config):
+        model = MultimodalModel(MultimodalConfig.from_dict(config))
+        text = model.language_model
+    else:
+        model = text = Model(TextConfig.from_dict(config))
     weights = load_weights(path)
-    if cfg.tie_word_embeddings:
+    if text.cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
+        weights.pop("language_model.lm_head.weight", None)
     _quantize_as_config(model, config, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -102,7 +108,10 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
         return a.astype(dtype)
 
     model.update(tree_map_with_path(cast, model.parameters()))
-    model.model.compute_dtype = dtype
+    text.model.compute_dtype = dtype
+    if text is not model:
+        # the vision tower runs in the compute dtype, never float16 (SigLIP activations overflow it)
+        model.vision_dtype = dtype
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
