@@ -107,11 +107,19 @@ def _context_limit(model) -> int:
     return int(model.cfg.max_position_embeddings)
 
 
-def encode_prompt(tokenizer, prompt: str | list[int], *, chat: bool | None = None, system: str | None = None) -> list[int]:
+BOI, EOI = "<start_of_image>", "<end_of_image>"
+
+
+def encode_prompt(
+    tokenizer, prompt: str | list[int], *, chat: bool | None = None, system: str | None = None, n_images: int = 0
+) -> list[int]:
     """Token ids for a prompt: through the chat template or raw (BOS added once).
 
     ``chat=None`` applies the template when the model ships one (instruction-tuned models do; a base
-    model's GGUF has none); ``chat=True`` falls back to the Gemma 3 template.
+    model's GGUF has none); ``chat=True`` falls back to the Gemma 3 template. With ``n_images``, each
+    image becomes "\n\n<start_of_image><end_of_image>\n\n" in the text (as Gemma 3's processor lays it
+    out; a raw prompt may place its own <start_of_image> markers, else the images go first); the soft
+    tokens are inserted after each <start_of_image> by :func:`insert_image_tokens`.
     """
     if not isinstance(prompt, str):
         return list(prompt)
@@ -119,12 +127,31 @@ def encode_prompt(tokenizer, prompt: str | list[int], *, chat: bool | None = Non
     if chat or (chat is None and own):
         from .convert.tokenizer import GEMMA3_CHAT_TEMPLATE
 
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}] if n_images else prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         kw = {} if own else {"chat_template": GEMMA3_CHAT_TEMPLATE}
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kw))
-    if system:
-        prompt = system + "\n\n" + prompt
-    return list(tokenizer.encode(prompt))
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
+    else:
+        if system:
+            prompt = system + "\n\n" + prompt
+        if n_images and BOI not in prompt:
+            prompt = BOI * n_images + prompt
+        text = (tokenizer.bos_token or "") + prompt
+    if not n_images:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    if text.count(BOI) != n_images:
+        raise ValueError(f"the prompt has {text.count(BOI)} {BOI} markers for {n_images} image(s)")
+    text = text.replace(BOI, f"\n\n{BOI}{EOI}\n\n")
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def insert_image_tokens(ids: list[int], boi: int, image_token: int, n: int) -> list[int]:
+    out = []
+    for t in ids:
+        out.append(t)
+        if t == boi:
+            out.extend([image_token] * n)
+    return out
 
 
 def stream_generate(
@@ -141,14 +168,32 @@ def stream_generate(
     seed: int | None = None,
     chat: bool | None = None,
     system: str | None = None,
+    images: list | None = None,
     stop_strings: list[str] | None = None,
     prefill_step_size: int = 256,
     cache: list | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Stream a completion. ``prompt`` is text (chat template applied if ``chat``) or token ids."""
+    """Stream a completion. ``prompt`` is text (chat template applied if ``chat``) or token ids.
+
+    ``images``: paths, URLs, PIL images or arrays, for a model with a vision tower.
+    """
     if seed is not None:
         mx.random.seed(seed)
-    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system)
+    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []))
+    embeddings = groups = None
+    if images:
+        if not hasattr(model, "embed_prompt"):
+            raise ValueError("this model is text-only: it has no vision tower to read images")
+        from .image import preprocess_all
+
+        m = model.mcfg
+        ids = insert_image_tokens(ids, m.boi_token_index, m.image_token_index, m.mm_tokens_per_image)
+        if len(ids) >= _context_limit(model):
+            raise ContextLengthError(
+                f"prompt with {len(images)} image(s) is {len(ids)} tokens; the model's context is {_context_limit(model)}"
+            )
+        pixels = mx.array(preprocess_all(images, m.vision.image_size))
+        embeddings, groups = model.embed_prompt(ids, pixels)
     limit = _context_limit(model)
     if not ids:
         raise ValueError("empty prompt")
@@ -172,7 +217,7 @@ def stream_generate(
 
     steps = generate_step(
         mx.array(ids), model, max_tokens=max_tokens, sampler=sampler, cache=cache,
-        prefill_step_size=prefill_step_size, on_prefill_done=prefill_done,
+        prefill_step_size=prefill_step_size, on_prefill_done=prefill_done, embeddings=embeddings, groups=groups,
     )
     stops = _StopStrings(stop_strings or [])
     n, token, finish, text = 0, None, None, ""

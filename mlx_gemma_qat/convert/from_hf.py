@@ -68,7 +68,9 @@ def vision_name(name: str) -> str | None:
     """Vision tower / projector tensor name -> ours (``vision_tower.*``, ``multi_modal_projector.*``)."""
     for p in _VISION_PREFIXES:
         if name.startswith(p):
-            return "vision_tower." + name[len(p) :]
+            rest = name[len(p) :]
+            # SigLIP's attention-pooling head is not used by Gemma 3 (it pools by averaging): drop it
+            return "vision_tower." + rest if not rest.startswith("head.") else ""
     for p in _PROJECTOR_PREFIXES:
         if name.startswith(p):
             return "multi_modal_projector." + name[len(p) :]
@@ -126,7 +128,7 @@ def iter_tensors(
             a = arrays.pop(raw_name)
             vname = vision_name(raw_name)
             if vname is not None:
-                if vision:
+                if vision and vname:
                     yield vname, _float_tensor(a)
                 continue
             name = text_name(raw_name)
