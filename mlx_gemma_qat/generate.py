@@ -107,19 +107,25 @@ def _context_limit(model) -> int:
     return int(model.cfg.max_position_embeddings)
 
 
-BOI, EOI = "<start_of_image>", "<end_of_image>"
+BOI = "<start_of_image>"
 
 
 def encode_prompt(
-    tokenizer, prompt: str | list[int], *, chat: bool | None = None, system: str | None = None, n_images: int = 0
+    tokenizer,
+    prompt: str | list[int],
+    *,
+    chat: bool | None = None,
+    system: str | None = None,
+    n_images: int = 0,
+    image_ids: tuple[int, int, int, int] | None = None,
 ) -> list[int]:
     """Token ids for a prompt: through the chat template or raw (BOS added once).
 
     ``chat=None`` applies the template when the model ships one (instruction-tuned models do; a base
     model's GGUF has none); ``chat=True`` falls back to the Gemma 3 template. With ``n_images``, each
-    image becomes "\n\n<start_of_image><end_of_image>\n\n" in the text (as Gemma 3's processor lays it
-    out; a raw prompt may place its own <start_of_image> markers, else the images go first); the soft
-    tokens are inserted after each <start_of_image> by :func:`insert_image_tokens`.
+    <start_of_image> marker (the template puts one per image; a raw prompt may place its own, else the
+    images go first) becomes "\n\n" <start_of_image> + n soft tokens + <end_of_image> "\n\n", as Gemma 3's
+    processor lays it out; ``image_ids`` = (boi, eoi, image token, tokens per image).
     """
     if not isinstance(prompt, str):
         return list(prompt)
@@ -137,21 +143,21 @@ def encode_prompt(
         if n_images and BOI not in prompt:
             prompt = BOI * n_images + prompt
         text = (tokenizer.bos_token or "") + prompt
+
+    def enc(t):
+        return list(tokenizer.encode(t, add_special_tokens=False)) if t else []
+
     if not n_images:
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    if text.count(BOI) != n_images:
-        raise ValueError(f"the prompt has {text.count(BOI)} {BOI} markers for {n_images} image(s)")
-    text = text.replace(BOI, f"\n\n{BOI}{EOI}\n\n")
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def insert_image_tokens(ids: list[int], boi: int, image_token: int, n: int) -> list[int]:
-    out = []
-    for t in ids:
-        out.append(t)
-        if t == boi:
-            out.extend([image_token] * n)
-    return out
+        return enc(text)
+    pieces = text.split(BOI)
+    if len(pieces) - 1 != n_images:
+        raise ValueError(f"the prompt has {len(pieces) - 1} {BOI} markers for {n_images} image(s)")
+    boi, eoi, img, n = image_ids
+    ids = enc(pieces[0] + "\n\n")
+    for k, piece in enumerate(pieces[1:], 1):
+        ids += [boi] + [img] * n + [eoi]
+        ids += enc("\n\n" + piece + ("\n\n" if k < n_images else ""))
+    return ids
 
 
 def stream_generate(
@@ -179,15 +185,15 @@ def stream_generate(
     """
     if seed is not None:
         mx.random.seed(seed)
-    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []))
+    if images and not hasattr(model, "embed_prompt"):
+        raise ValueError("this model is text-only: it has no vision tower to read images")
+    m = getattr(model, "mcfg", None)
+    image_ids = (m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) if m else None
+    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []), image_ids=image_ids)
     embeddings = groups = None
     if images:
-        if not hasattr(model, "embed_prompt"):
-            raise ValueError("this model is text-only: it has no vision tower to read images")
         from .image import preprocess_all
 
-        m = model.mcfg
-        ids = insert_image_tokens(ids, m.boi_token_index, m.image_token_index, m.mm_tokens_per_image)
         if len(ids) >= _context_limit(model):
             raise ContextLengthError(
                 f"prompt with {len(images)} image(s) is {len(ids)} tokens; the model's context is {_context_limit(model)}"
