@@ -49,20 +49,26 @@ an image see a later image; cached generate() must reproduce the no-cache greedy
 by hand must equal what transformers' Gemma3Processor builds from the folder.
 
 NPZ keys (all float arrays float32)
-  a_uint8 [23,37,3], b_raw_uint8 [100,150,3]      decoded RGB pixels as stored (PIL, no EXIF applied)
-  b_uint8 [150,100,3]                             b after PIL.ImageOps.exif_transpose (upright)
+  a_uint8 [23,37,3], b_raw_uint8 [100,150,3]      decoded RGB pixels as stored (PIL, no EXIF applied);
+                                                  upright b is np.rot90(b_raw_uint8, -1) [150,100,3]
   pixel_values_a, pixel_values_b [3,112,112]      transformers' PIL-backend Gemma 3 image processor
-                                                  (Gemma3ImageProcessorPil), b given upright
+                                                  (Gemma3ImageProcessorPil), b given upright (exif_transpose)
   pixel_values_b_raw [3,112,112]                  the same processor given the PIL image of b.jpg as
-                                                  opened (the processor does NOT apply EXIF orientation)
-  resized_uint8_{a,b,b_raw} [3,112,112] uint8     the PIL-resized image before rescale/normalize
-  tv_resized_uint8_{a,b,b_raw}, tv_pixel_values_{a,b,b_raw}   the torchvision backend
-                                                  (Gemma3ImageProcessor) output, when torchvision imports
+                                                  opened (the processor does NOT apply EXIF orientation to
+                                                  a PIL image; given a path it does, via load_image)
+                                                  PIL backend: u8 = PIL resize((112, 112), BILINEAR) of the
+                                                  RGB uint8 image; pv = float32(u8 * (1/255) in float64),
+                                                  then (pv - 0.5) / 0.5 in float32, channels first
+  tv_pixel_values_b [3,112,112]                   the torchvision backend (class Gemma3ImageProcessor,
+                                                  AutoImageProcessor's pick when torchvision is installed)
+                                                  for upright b: torch's uint8 antialiased bilinear resize,
+                                                  then (u8 - 127.5) / 127.5 in float32; its resize differs
+                                                  from PIL's by 1 level on some pixels
   vision_{a,b,b_raw} [64,32]                      vision tower last_hidden_state (after post_layernorm)
   features_{a,b,b_raw} [16,64]                    projector output (image features, what replaces the
                                                   image tokens' embeddings, unscaled)
   p{1,2,3}_ids int32 [T], p{1,2,3}_token_type_ids int32 [T] (1 on image soft tokens),
-  p{1,2,3}_images <U8 [n]                         image names in prompt order ("a", "b")
+  p{1,2,3}_images str [n]                          image names in prompt order ("a", "b")
   p{1,2,3}_logits [T,512]                         every position, no cache, eager attention, float32
   p1_gen_ids int32 [8], p1_gen_margins [8]        greedy continuation of prompt 1 (generate() with the
                                                   KV cache and pixel_values; equal to full recomputation)
@@ -477,10 +483,10 @@ def main() -> None:
     report["b_exif_orientation"] = pil_b_raw.getexif().get(0x0112)
     arrays["a_uint8"] = np.asarray(pil_a.convert("RGB"))
     arrays["b_raw_uint8"] = np.asarray(pil_b_raw.convert("RGB"))
-    arrays["b_uint8"] = np.asarray(pil_b.convert("RGB"))
-    assert arrays["b_uint8"].shape == (150, 100, 3)
+    b_up = np.asarray(pil_b.convert("RGB"))
+    assert b_up.shape == (150, 100, 3)
     # orientation 6 = rotate the stored image 90 degrees clockwise
-    assert np.array_equal(arrays["b_uint8"], np.rot90(arrays["b_raw_uint8"], k=-1))
+    assert np.array_equal(b_up, np.rot90(arrays["b_raw_uint8"], k=-1))
     images = {"a": pil_a, "b": pil_b, "b_raw": pil_b_raw}
 
     # ---------------- folder
@@ -529,8 +535,13 @@ def main() -> None:
     assert tok.encode(full_seq, add_special_tokens=False).ids == image_block()
 
     # ---------------- reload in float32
-    m32 = load_f32(VLM_DIR)
+    m32, info = Gemma3ForConditionalGeneration.from_pretrained(
+        VLM_DIR, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    m32.eval()
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     W = {k: v.detach().float().numpy() for k, v in m32.state_dict().items()}
+    for k, v in model.state_dict().items():  # the bf16 values drawn above, upcast
+        assert np.array_equal(W[k], v.float().numpy()), k
     report["state_dict_prefixes_in_memory"] = sorted({".".join(k.split(".")[:2]) for k in W})
     missing = [k for k in W if k not in randomized and k != "lm_head.weight"]
     assert not missing, missing
@@ -547,7 +558,6 @@ def main() -> None:
         arrays[f"pixel_values_{name}"] = pv
         rgb = np.asarray(img.convert("RGB"))
         resized = np.asarray(Image.fromarray(rgb).resize((112, 112), Image.BILINEAR)).transpose(2, 0, 1)
-        arrays[f"resized_uint8_{name}"] = np.ascontiguousarray(resized)
         # the processor's arithmetic: uint8 * (1/255) in float64 -> float32, then (x - 0.5) / 0.5 in float32
         ours = ((resized.astype(np.float64) * (1 / 255)).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
         report[f"pixel_values_{name}_vs_pil_resize_formula_max_abs"] = float(np.abs(ours - pv).max())
@@ -560,22 +570,31 @@ def main() -> None:
         report["processor_given_path_equals_upright"] = bool(np.array_equal(pv_path, arrays["pixel_values_b"]))
     except Exception as e:  # noqa: BLE001
         report["processor_given_path"] = f"not accepted: {type(e).__name__}: {e}"[:200]
+    # The torchvision backend (transformers' `Gemma3ImageProcessor`, what AutoImageProcessor picks when
+    # torchvision is installed): uint8 resize with torch's antialiased bilinear kernel, then the fused
+    # rescale+normalize (x - 127.5) / 127.5 in float32. Emulated with torch alone; checked against the
+    # real backend when torchvision imports.
+    tv = {}
+    for name, img in images.items():
+        u8 = torch_resize_uint8(img, VISION["image_size"])
+        tv[name] = (u8.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+        pil_u8 = np.rint(arrays[f"pixel_values_{name}"].astype(np.float64) * 127.5 + 127.5).astype(int)
+        report[f"torchvision_vs_pil_{name}_max_abs_levels"] = int(np.abs(u8.astype(int) - pil_u8).max())
+        report[f"torchvision_vs_pil_{name}_fraction_differing"] = float((u8.astype(int) != pil_u8).mean())
+        report[f"torchvision_vs_pil_{name}_pixel_values_max_abs"] = float(np.abs(tv[name] - arrays[f"pixel_values_{name}"]).max())
+    arrays["tv_pixel_values_b"] = tv["b"]
     try:
-        from transformers import Gemma3ImageProcessor  # torchvision backend
+        from transformers import Gemma3ImageProcessor
 
         proc_tv = Gemma3ImageProcessor.from_pretrained(VLM_DIR)
+        if getattr(proc_tv, "backend", None) != "torchvision":
+            raise ImportError(f"torchvision missing: Gemma3ImageProcessor fell back to {type(proc_tv).__name__}")
         for name, img in images.items():
-            pv = proc_tv(images=img, return_tensors="pt")["pixel_values"][0].numpy().astype(np.float32)
-            arrays[f"tv_pixel_values_{name}"] = pv
-            arrays[f"tv_resized_uint8_{name}"] = _tv_resize(img)
-            report[f"tv_vs_pil_pixel_values_{name}_max_abs"] = float(np.abs(pv - arrays[f"pixel_values_{name}"]).max())
-            report[f"tv_vs_pil_resized_{name}_max_abs_levels"] = int(np.abs(
-                arrays[f"tv_resized_uint8_{name}"].astype(int) - arrays[f"resized_uint8_{name}"].astype(int)).max())
-            tv_formula = (arrays[f"tv_resized_uint8_{name}"].astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
-            report[f"tv_pixel_values_{name}_vs_formula_max_abs"] = float(np.abs(tv_formula - pv).max())
-        report["torchvision_backend"] = "recorded"
-    except Exception as e:  # noqa: BLE001
-        report["torchvision_backend"] = f"not recorded: {type(e).__name__}: {e}"[:300]
+            real = proc_tv(images=img, return_tensors="pt")["pixel_values"][0].numpy()
+            assert np.array_equal(real, tv[name]), name
+        report["torchvision_backend"] = "emulation checked equal to transformers' torchvision backend"
+    except ImportError as e:
+        report["torchvision_backend"] = f"emulated with torch only, not checked: {e}"[:300]
 
     # ---------------- vision tower + projector
     feats = {}
@@ -658,7 +677,8 @@ def main() -> None:
         assert got["input_ids"][0].tolist() == ids, (key, got["input_ids"][0].tolist(), ids)
         assert got["token_type_ids"][0].tolist() == tt, key
         for k, n in enumerate(names):
-            assert np.array_equal(got["pixel_values"][k], arrays[f"pixel_values_{n}"]), (key, n)
+            want = tv[n] if getattr(proc.image_processor, "backend", "pil") == "torchvision" else arrays[f"pixel_values_{n}"]
+            assert np.array_equal(got["pixel_values"][k], want), (key, n)
     report["auto_processor_classes"] = [type(proc).__name__, type(proc.image_processor).__name__,
                                         type(proc.tokenizer).__name__]
 
@@ -746,6 +766,28 @@ def main() -> None:
                  use_cache=False)
         report["p2_bf16_compute_vs_f32_max_abs"] = float(np.abs(bf.logits[0].float().numpy() - logits["p2"]).max())
 
+    # ---------------- informational: the key names of Google's checkpoints (written by transformers 4.5x:
+    # vision_tower.vision_model.*) load to the same model
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as td:
+        for name in ("config.json", "generation_config.json"):
+            shutil.copy(VLM_DIR / name, Path(td) / name)
+        sd = load_file(str(VLM_DIR / "model.safetensors"))
+        sd = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+              for k, v in sd.items()}
+        save_file(sd, str(Path(td) / "model.safetensors"), metadata={"format": "pt"})
+        mleg, linfo = Gemma3ForConditionalGeneration.from_pretrained(
+            td, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+        report["legacy_vision_model_prefix_loading_info"] = {k: list(v) for k, v in linfo.items() if v}
+        with torch.inference_mode():
+            lg_leg = mleg.eval()(input_ids=torch.tensor([ids2.tolist()]), pixel_values=pv2, token_type_ids=tt2t,
+                                 use_cache=False).logits[0].numpy()
+        report["legacy_vision_model_prefix_p2_max_abs"] = float(np.abs(lg_leg - logits["p2"]).max())
+
     np.savez_compressed(NPZ_PATH, **arrays)
     sizes = {str(f.relative_to(FIXTURES)): f.stat().st_size
              for f in sorted(list(VLM_DIR.iterdir()) + list(IMG_DIR.iterdir()) + [NPZ_PATH])}
@@ -758,13 +800,15 @@ def main() -> None:
         raise RuntimeError(f"fixtures too large: {report['fixture_bytes_total']} bytes")
 
 
-def _tv_resize(img) -> np.ndarray:
-    """What the torchvision backend's resize gives (uint8 [3, 112, 112])."""
+def torch_resize_uint8(img, size: int) -> np.ndarray:
+    """torchvision.transforms.v2.functional.resize(bilinear, antialias=True) on a uint8 CPU image, which
+    calls torch's native uint8 kernel (uint8 [3, size, size])."""
     import torch
-    from torchvision.transforms.v2 import functional as tvF
 
-    t = torch.from_numpy(np.asarray(img.convert("RGB")).transpose(2, 0, 1).copy())
-    return tvF.resize(t, [112, 112], interpolation=tvF.InterpolationMode.BILINEAR, antialias=True).numpy()
+    t = torch.from_numpy(np.ascontiguousarray(np.asarray(img.convert("RGB")).transpose(2, 0, 1)))[None]
+    out = torch.nn.functional.interpolate(t, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
+    assert out.dtype == torch.uint8
+    return out[0].numpy()
 
 
 if __name__ == "__main__":
