@@ -771,7 +771,7 @@ def main() -> None:
     import shutil
     import tempfile
 
-    from safetensors.numpy import load_file, save_file
+    from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory() as td:
         for name in ("config.json", "generation_config.json"):

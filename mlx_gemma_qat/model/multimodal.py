@@ -72,8 +72,8 @@ class Model(nn.Module):
         self.language_model = TextModel(mcfg.text)
         self.vision_tower = SiglipVisionModel(mcfg.vision)
         self.multi_modal_projector = MultiModalProjector(
-            mcfg.vision, mcfg.text.hidden_size, mcfg.mm_tokens_per_image, mcfg.text.rms_norm_eps
-        )
+            mcfg.vision, mcfg.text.hidden_size, mcfg.mm_tokens_per_image, mcfg.vision.layer_norm_eps
+        )  # the soft-embedding norm uses the vision config's eps, as transformers does
         self.vision_dtype = mx.float32
 
     # the text model's interface, so generation and perplexity work unchanged
