@@ -29,16 +29,9 @@ def load(path_or_repo=None, *, dtype=None, lazy: bool = False):
     return model, tokenizer
 
 
-def generate(*args, **kwargs):
-    from .generate import generate as _g
-
-    return _g(*args, **kwargs)
-
-
-def stream_generate(*args, **kwargs):
-    from .generate import stream_generate as _s
-
-    return _s(*args, **kwargs)
+# Imported eagerly: a lazy wrapper would be replaced by the submodule of the same name (mlx_gemma_qat.generate)
+# as soon as anything imported that submodule.
+from .generate import generate, stream_generate  # noqa: E402
 
 
 def convert(*args, **kwargs):

@@ -127,14 +127,18 @@ def encode_prompt(
     images go first) becomes "\n\n" <start_of_image> + n soft tokens + <end_of_image> "\n\n", as Gemma 3's
     processor lays it out; ``image_ids`` = (boi, eoi, image token, tokens per image).
     """
-    if not isinstance(prompt, str):
-        return list(prompt)
     own = getattr(tokenizer, "chat_template", None)
+    if is_messages(prompt):
+        messages = ([{"role": "system", "content": system}] if system else []) + list(prompt)
+        chat = True
+    elif not isinstance(prompt, str):
+        return list(prompt)
+    else:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}] if n_images else prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     if chat or (chat is None and own):
         from .convert.tokenizer import GEMMA3_CHAT_TEMPLATE
 
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}] if n_images else prompt
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         kw = {} if own else {"chat_template": GEMMA3_CHAT_TEMPLATE}
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
     else:
@@ -160,10 +164,28 @@ def encode_prompt(
     return ids
 
 
+def is_messages(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def message_images(messages) -> list:
+    """The images of a chat, in order: content items {"type": "image", "image": path/URL/PIL/array}."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            for item in content:
+                if item.get("type") == "image":
+                    if item.get("image") is None:
+                        raise ValueError('an image item needs its image: {"type": "image", "image": PATH_OR_PIL}')
+                    out.append(item["image"])
+    return out
+
+
 def stream_generate(
     model,
     tokenizer,
-    prompt: str | list[int],
+    prompt: str | list[int] | list[dict],
     max_tokens: int = 256,
     *,
     sampler: Callable | None = None,
@@ -179,12 +201,18 @@ def stream_generate(
     prefill_step_size: int = 256,
     cache: list | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Stream a completion. ``prompt`` is text (chat template applied if ``chat``) or token ids.
+    """Stream a completion. ``prompt`` is text (chat template applied if ``chat``), token ids, or a list of
+    chat messages ({"role", "content"}; content a string or items {"type": "text", "text": ...} and
+    {"type": "image", "image": ...}) for multi-turn chats, with images anywhere in them.
 
     ``images``: paths, URLs, PIL images or arrays, for a model with a vision tower.
     """
     if seed is not None:
         mx.random.seed(seed)
+    if is_messages(prompt):
+        if images:
+            raise ValueError("give a chat's images inside its messages, not as images=")
+        images = message_images(prompt) or None
     if images and not hasattr(model, "embed_prompt"):
         raise ValueError("this model is text-only: it has no vision tower to read images")
     m = getattr(model, "mcfg", None)

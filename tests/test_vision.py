@@ -130,3 +130,25 @@ def test_quantized_text_keeps_vision_float(tmp_path):
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert "language_model.model.layers.0.self_attn.q_proj" in q
     assert not any(k.startswith(("vision_tower", "multi_modal_projector")) for k in q)
+
+
+def test_multi_turn_chat_with_images_in_several_turns(vlm):
+    from mlx_gemma_qat.generate import encode_prompt
+
+    _, model, tok = vlm
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": str(IMAGES / "a.png")}, {"type": "text", "text": "A?"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "And"}, {"type": "image", "image": IMAGES / "b.jpg"}]},
+    ]
+    m = model.mcfg
+    ids = encode_prompt(tok, messages, n_images=2,
+                        image_ids=(m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image))
+    assert ids.count(m.image_token_index) == 32 and ids.count(m.boi_token_index) == 2
+    text = tok.decode([t for t in ids if t != m.image_token_index])
+    assert text.startswith("<bos><start_of_turn>user\n\n\n<start_of_image><end_of_image>\n\nA?<end_of_turn>")
+    assert "<start_of_turn>model\nok<end_of_turn>" in text and text.endswith("<start_of_turn>model\n")
+    rs = list(stream_generate(model, tok, messages, 3))
+    assert rs[-1].prompt_tokens == len(ids) and rs[-1].generation_tokens == 3
+    with pytest.raises(ValueError, match="inside its messages"):
+        list(stream_generate(model, tok, messages, 3, images=[IMAGES / "a.png"]))
