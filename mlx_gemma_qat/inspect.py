@@ -131,6 +131,13 @@ def inspect_mlx(path: Path) -> Report:
             _add(groups, (_group_name(name), info["dtype"].lower()), params, nbytes)
             memory += params * 4
     rep = Report(str(path), "mlx", cfg, list(groups.values()), file_bytes, memory)
+    v = config.get("vision_config")
+    if isinstance(v, dict):
+        rep.notes.insert(0, (
+            f"vision: SigLIP {v.get('num_hidden_layers')} layers, hidden {v.get('hidden_size')}, "
+            f"{v.get('image_size')}px input, {v.get('patch_size')}px patches, "
+            f"{config.get('mm_tokens_per_image')} soft tokens per image; kept in float, run in the compute dtype"
+        ))
     prov = config.get("mlx_gemma_qat")
     if prov:
         rep.notes.append(f"converted from {prov.get('source_format')}: {prov.get('source')}")
