@@ -152,3 +152,10 @@ def test_multi_turn_chat_with_images_in_several_turns(vlm):
     assert rs[-1].prompt_tokens == len(ids) and rs[-1].generation_tokens == 3
     with pytest.raises(ValueError, match="inside its messages"):
         list(stream_generate(model, tok, messages, 3, images=[IMAGES / "a.png"]))
+
+
+def test_inspect_reports_the_vision_tower(vlm):
+    folder, _, _ = vlm
+    r = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert r.exit_code == 0 and "vision: SigLIP 2 layers, hidden 32, 112px input" in r.output
+    assert "vision_tower.layers.*.mlp.fc1" in r.output
