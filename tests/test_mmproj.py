@@ -1,0 +1,120 @@
+"""llama.cpp's Gemma 3 ``mmproj`` GGUF -> our vision tower / projector tensors.
+
+Fixture: scripts/make_tiny_mmproj.py runs llama.cpp's own convert_hf_to_gguf.py (--mmproj --outtype f32)
+on tests/fixtures/tiny_gemma3_vlm.
+"""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma_qat.convert.from_hf import vision_name
+from mlx_gemma_qat.convert.from_mmproj import MmprojError, mmproj_name, read_mmproj
+from mlx_gemma_qat.model.vision import VisionConfig
+
+FIX = Path(__file__).parent / "fixtures"
+HF = FIX / "tiny_gemma3_vlm"
+MMPROJ = FIX / "tiny_gemma3_vlm_gguf" / "mmproj-f32.gguf"
+
+needs_fixture = pytest.mark.skipif(
+    not (MMPROJ.is_file() and (HF / "model.safetensors").is_file()), reason="mmproj fixture missing"
+)
+
+
+def _hf_vision() -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in mx.load(str(HF / "model.safetensors")).items():
+        ours = vision_name(k)
+        if ours:
+            out[ours] = np.array(v.astype(mx.float32))
+    return out
+
+
+@needs_fixture
+def test_config_matches_hf():
+    import json
+
+    raw = json.loads((HF / "config.json").read_text())
+    vcfg, tokens, _ = read_mmproj(MMPROJ)
+    assert tokens == raw["mm_tokens_per_image"] == 16
+    assert VisionConfig.from_dict(vcfg) == VisionConfig.from_dict(raw["vision_config"])
+    assert vcfg["layer_norm_eps"] == 1e-6
+
+
+@needs_fixture
+def test_tensors_equal_hf():
+    hf = _hf_vision()
+    _, _, it = read_mmproj(MMPROJ)
+    got = dict(it)
+    assert set(got) == set(hf)
+    for name, mt in got.items():
+        assert not mt.quantized
+        w = np.asarray(mt.weight)
+        assert w.shape == hf[name].shape, name
+        if name.endswith("mm_input_projection_weight"):
+            # llama.cpp forces this tensor to F16; bf16 -> f16 happens to be exact here (no tiny values)
+            assert w.dtype == np.float16
+            assert np.array_equal(hf[name].astype(np.float16), w)
+        else:
+            assert w.dtype == np.float32, name
+        assert np.array_equal(w.astype(np.float32), hf[name]), name
+
+
+@needs_fixture
+def test_loaded_tower_matches_reference():
+    """The mmproj weights in our vision tower + projector give transformers' image features."""
+    from mlx_gemma_qat.model.vision import MultiModalProjector, SiglipVisionModel
+
+    ref = np.load(FIX / "tiny_gemma3_vlm_reference.npz")
+    vcfg, tokens, it = read_mmproj(MMPROJ)
+    cfg = VisionConfig.from_dict(vcfg)
+    tensors = {k: mx.array(np.asarray(m.weight, dtype=np.float32)) for k, m in it}
+    tower, proj = SiglipVisionModel(cfg), MultiModalProjector(cfg, 64, tokens, 1e-6)
+    strip = lambda p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}  # noqa: E731
+    tower.load_weights(list(strip("vision_tower.").items()), strict=True)
+    proj.load_weights(list(strip("multi_modal_projector.").items()), strict=True)
+    px = mx.array(ref["pixel_values_a"][None])
+    feats = proj(tower(px))
+    np.testing.assert_allclose(np.array(feats)[0], ref["features_a"].reshape(-1, 64), atol=2e-4, rtol=2e-4)
+
+
+def test_text_gguf_rejected(tmp_path):
+    from gguf_factory import write_tiny_gguf
+
+    p = tmp_path / "text.gguf"
+    write_tiny_gguf(p)
+    with pytest.raises(ValueError, match="not an mmproj vision file.*text model"):
+        read_mmproj(p)
+
+
+def test_not_gguf_and_missing(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"nope")
+    with pytest.raises(MmprojError, match="not a GGUF"):
+        read_mmproj(p)
+    with pytest.raises(MmprojError, match="no such file"):
+        read_mmproj(tmp_path / "absent.gguf")
+
+
+def test_other_projector_rejected(tmp_path):
+    import gguf
+
+    p = tmp_path / "llava.gguf"
+    w = gguf.GGUFWriter(str(p), "clip")
+    w.add_string("clip.projector_type", "mlp")
+    w.add_tensor("v.post_ln.weight", np.ones(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(MmprojError, match="projector type 'mlp' is not Gemma 3"):
+        read_mmproj(p)
+
+
+def test_names():
+    assert mmproj_name("v.blk.3.attn_out.bias") == "vision_tower.encoder.layers.3.self_attn.out_proj.bias"
+    assert mmproj_name("v.patch_embd.weight") == "vision_tower.embeddings.patch_embedding.weight"
+    with pytest.raises(MmprojError, match="unexpected tensor"):
+        mmproj_name("v.blk.0.attn_qkv.weight")
