@@ -33,6 +33,8 @@ def main():
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output MLX folder.")
 @click.option("--q6k", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
               help="Q6_K has no exact group-32 form: 8-bit re-grid (exact on one sub-block of two) or dense float32.")
+@click.option("--mmproj", type=click.Path(), default=None,
+              help="llama.cpp's vision file (mmproj GGUF) to convert together with the text GGUF SRC.")
 @click.option("--dequantize", is_flag=True,
               help="GGUF: write every tensor as dense floats (the Hugging Face form, e.g. for mlx_lm.convert).")
 @click.option("--mode", type=click.Choice(["q4_0", "affine", "none"]), default="q4_0", show_default=True,
@@ -45,11 +47,11 @@ def main():
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_clean_errors
-def convert(src, out, q6k, dequantize, mode, bits, group_size, embed_bits, dtype, force, quiet):
+def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bits, dtype, force, quiet):
     """Convert SRC (a GGUF file, a Hugging Face folder or repo id) into an MLX folder."""
     from .convert import convert as run
 
-    path = run(src, out, q6k=q6k, dequantize=dequantize, mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits,
+    path = run(src, out, q6k=q6k, mmproj=mmproj, dequantize=dequantize, mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits,
                dtype=dtype, force=force, progress=not quiet)
     click.echo(f"wrote {path}")
 

@@ -25,9 +25,17 @@ _GGUF_NAMES = {
 }
 
 
-def tiny_float_weights() -> dict[str, np.ndarray]:
-    w = mx.load(str(TINY / "model.safetensors"))
-    return {k: np.array(v.astype(mx.float32)) for k, v in w.items()}
+def tiny_float_weights(source: Path = TINY) -> dict[str, np.ndarray]:
+    """Text weights of a fixture folder, HF text names (a multimodal folder's language model too)."""
+    w = mx.load(str(source / "model.safetensors"))
+    out = {}
+    for k, v in w.items():
+        if k.startswith("language_model."):
+            k = k[len("language_model.") :]
+        elif not k.startswith("model."):
+            continue
+        out[k] = np.array(v.astype(mx.float32))
+    return out
 
 
 def gguf_name(hf: str) -> str:
@@ -41,10 +49,11 @@ def gguf_name(hf: str) -> str:
 
 def write_tiny_gguf(path: Path, linear_type=gguf.GGMLQuantizationType.Q4_0,
                     embed_type=gguf.GGMLQuantizationType.F16, arch: str = "gemma3",
-                    override: dict | None = None) -> dict[str, np.ndarray]:
-    """Write the tiny model as a GGUF; returns the float weights gguf-py reads back (HF names, norms as HF)."""
-    cfg = json.loads((TINY / "config.json").read_text())
-    vocab = json.loads((TINY / "tokenizer.json").read_text())["model"]["vocab"]
+                    override: dict | None = None, source: Path = TINY) -> dict[str, np.ndarray]:
+    """Write a tiny model's text part as a GGUF; returns the float weights gguf-py reads back (HF names)."""
+    cfg = json.loads((source / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    vocab = json.loads((source / "tokenizer.json").read_text())["model"]["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     types = [3 if t.startswith("<") and not t.startswith("<0x") else 6 if t.startswith("<0x") else 1 for t in tokens]
     w = gguf.GGUFWriter(str(path), arch)
@@ -71,7 +80,7 @@ def write_tiny_gguf(path: Path, linear_type=gguf.GGMLQuantizationType.Q4_0,
     w.add_add_bos_token(True)
     w.add_add_space_prefix(False)
     expected = {}
-    for hf, a in tiny_float_weights().items():
+    for hf, a in tiny_float_weights(source).items():
         name = gguf_name(hf)
         if name.endswith("norm.weight"):
             qt, data = gguf.GGMLQuantizationType.F32, a + np.float32(1.0)  # llama.cpp stores 1 + w

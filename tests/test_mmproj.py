@@ -6,6 +6,7 @@ on tests/fixtures/tiny_gemma3_vlm.
 
 from pathlib import Path
 
+import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -118,3 +119,39 @@ def test_names():
     assert mmproj_name("v.patch_embd.weight") == "vision_tower.embeddings.patch_embedding.weight"
     with pytest.raises(MmprojError, match="unexpected tensor"):
         mmproj_name("v.blk.0.attn_qkv.weight")
+
+
+def test_text_gguf_plus_mmproj_equals_the_hf_route(tmp_path):
+    """llama.cpp's pair (text GGUF + mmproj GGUF) converts to the model the HF folder gives: same logits."""
+    import mlx.core as mx
+
+    from gguf_factory import write_tiny_gguf
+    from mlx_gemma_qat.convert import convert
+    from mlx_gemma_qat.model.load import load_model
+
+    vlm = Path(__file__).parent / "fixtures" / "tiny_gemma3_vlm"
+    ref = np.load(Path(__file__).parent / "fixtures" / "tiny_gemma3_vlm_reference.npz")
+    write_tiny_gguf(tmp_path / "text.gguf", gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F32, source=vlm)
+    out = convert(tmp_path / "text.gguf", tmp_path / "m", mmproj=MMPROJ, progress=False)
+    model = load_model(out)
+    # ids from the GGUF vocabulary (a real Gemma 3 GGUF lacks <image_soft_token>: then 262144, past it)
+    m = model.mcfg
+    assert (m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) == (255, 256, 257, 16)
+    h, groups = model.embed_prompt(ref["p1_ids"], mx.array(ref["pixel_values_a"][None]))
+    logits = np.array(model(None, input_embeddings=h, image_groups=groups)[0])
+    np.testing.assert_allclose(logits, ref["p1_logits"], atol=5e-4, rtol=0)
+
+
+def test_mmproj_with_a_mismatched_text_model(tmp_path):
+    from click.testing import CliRunner
+
+    from gguf_factory import write_tiny_gguf
+    from mlx_gemma_qat.cli import main
+
+    write_tiny_gguf(tmp_path / "text.gguf")  # the text-only tiny model: same width, fine
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "text.gguf"), "--mmproj", str(MMPROJ), "-o",
+                                  str(tmp_path / "ok"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "text.gguf"), "--mmproj", str(tmp_path / "text.gguf"),
+                                  "-o", str(tmp_path / "bad"), "--quiet"])
+    assert r.exit_code != 0 and "clip" in r.output and not (tmp_path / "bad").exists()

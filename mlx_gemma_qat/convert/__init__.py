@@ -45,6 +45,7 @@ def convert(
     *,
     q6k: str = "int8",
     dequantize: bool = False,
+    mmproj: str | Path | None = None,
     mode: str = "q4_0",
     bits: int = 4,
     group_size: int = 32,
@@ -76,17 +77,27 @@ def convert(
         cfg = from_gguf.config_from_gguf(reader)
         tokenizer = tokenizer_from_gguf(reader)  # fail early, before any weight is written
         ids = special_token_ids(reader)
+        config = cfg.to_dict()
+        text_it = from_gguf.iter_tensors(reader, q6k=q6k, dequantize=dequantize)
+        n_tensors = len(reader.tensors)
+        if mmproj is not None:
+            mcfg, vision_tensors = multimodal_config_from_gguf(reader, cfg, mmproj)
+            config = mcfg.to_dict()
+            n_tensors += len(vision_tensors)
+            text_it = _chain_multimodal(text_it, vision_tensors)
         with atomic_output_dir(out, force) as tmp:
-            config = cfg.to_dict()
-            it = tracked(from_gguf.iter_tensors(reader, q6k=q6k, dequantize=dequantize), len(reader.tensors))
+            it = tracked(text_it, n_tensors)
             _write(tmp, config, it, dense_dtype, ids)
             # A GGUF carries a chat template only when its model was tuned for chat (Google's -it
             # files do); base models get none, so generation defaults to plain completion for them.
             template = from_gguf.field(reader, "tokenizer.chat_template")
             write_tokenizer_files(tmp, tokenizer, **ids, chat_template=template)
-            _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize))
+            _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize,
+                                     mmproj=str(mmproj) if mmproj else None))
         return out
 
+    if mmproj is not None:
+        raise from_hf.HFError("--mmproj goes with a text GGUF; a Hugging Face folder carries its vision tower")
     folder = from_hf.resolve(str(src))
     if folder.is_file():
         raise from_hf.HFError(f"{src}: not a GGUF file and not a model folder")
@@ -106,6 +117,37 @@ def convert(
         opts = dict(mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits, weight_files=len(files))
         _finish(tmp, _provenance(src, "safetensors", types, exact, **opts))
     return out
+
+
+def multimodal_config_from_gguf(reader, text_cfg, mmproj):
+    """The multimodal config for llama.cpp's pair (text GGUF + mmproj GGUF), and the vision tensors."""
+    from ..model.vision import VisionConfig
+    from .from_mmproj import MmprojError, read_mmproj
+
+    vcfg, tokens, tensors = read_mmproj(mmproj)
+    toks = from_gguf.field(reader, "tokenizer.ggml.tokens") or []
+    index = {t: i for i, t in enumerate(toks)}
+    # <image_soft_token> is an added token outside tokenizer.model, so llama.cpp's text GGUF lacks it:
+    # transformers puts it at the first id past the SentencePiece vocabulary (262144)
+    mcfg = MultimodalConfig(
+        text=text_cfg,
+        vision=VisionConfig.from_dict(vcfg),
+        mm_tokens_per_image=tokens,
+        image_token_index=index.get("<image_soft_token>", len(toks)),
+        boi_token_index=index.get("<start_of_image>", 255999),
+        eoi_token_index=index.get("<end_of_image>", 256000),
+    )
+    tensors = list(tensors)
+    width = next(t.shape[1] for n, t in tensors if n.endswith("mm_input_projection_weight"))
+    if width != text_cfg.hidden_size:
+        raise MmprojError(f"{mmproj}: projects to width {width}, the text model is {text_cfg.hidden_size} wide")
+    return mcfg, tensors
+
+
+def _chain_multimodal(text_it, vision_tensors):
+    for name, t in text_it:
+        yield "language_model." + name, t
+    yield from vision_tensors
 
 
 def _write(tmp: Path, config: dict, tensors, dense_dtype, ids: dict):

@@ -103,8 +103,10 @@ class Model(nn.Module):
     def embed_prompt(self, ids, pixel_values: mx.array | None = None):
         """Embeddings for a prompt with image tokens, and their image groups (None for text only)."""
         ids_np = np.asarray(ids, dtype=np.int32).reshape(-1)
-        h = self.language_model.model.embed(mx.array(ids_np)[None])
         groups = image_groups(ids_np, self.mcfg.image_token_index)
+        # image-token rows are overwritten below; look up id 0 there, since the image token can lie
+        # one past the embedding table (llama.cpp text GGUFs keep only the SentencePiece pieces)
+        h = self.language_model.model.embed(mx.array(np.where(groups >= 0, 0, ids_np))[None])
         n_tokens = int((groups >= 0).sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if n_tokens != n_images * self.mcfg.mm_tokens_per_image:
