@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 

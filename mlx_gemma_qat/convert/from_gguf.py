@@ -54,22 +54,29 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
 
 
-def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """Open and sanity-check a GGUF: readable, complete, and a Gemma 3 text model."""
+def read_gguf(path: str | os.PathLike, error: type[ValueError] = None) -> gguf.GGUFReader:
+    """Open a GGUF with gguf-py, refusing missing, non-GGUF, corrupt or truncated files with ``error``."""
+    error = error or GGUFError
     path = Path(path)
     if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
+        raise error(f"{path}: no such file")
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":
-            raise GGUFError(f"{path}: not a GGUF file (bad magic)")
+            raise error(f"{path}: not a GGUF file (bad magic)")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # gguf-py raises assorted errors on truncated/corrupt files
-        raise GGUFError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+        raise error(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
-            raise GGUFError(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
+            raise error(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
+    return reader
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """Open and sanity-check a GGUF: readable, complete, and a Gemma 3 text model."""
+    reader = read_gguf(path)
     arch = field(reader, "general.architecture")
     if arch != "gemma3":
         raise GGUFError(f"{path}: architecture {arch!r} is not Gemma 3 (expected 'gemma3')")

@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Iterator
 
 import gguf
 import numpy as np
 
 from ..model.vision import VisionConfig
-from .from_gguf import GGUFError, field
+from .from_gguf import GGUFError, field, read_gguf
 from .grids import MLXTensor, ggml_to_mlx
 
 
@@ -103,20 +102,7 @@ def mmproj_name(gguf_name: str) -> str:
 
 def open_mmproj(path: str | os.PathLike) -> gguf.GGUFReader:
     """Open and check an mmproj GGUF: readable, complete, a CLIP vision file with the gemma3 projector."""
-    path = Path(path)
-    if not path.is_file():
-        raise MmprojError(f"{path}: no such file")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise MmprojError(f"{path}: not a GGUF file (bad magic)")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises assorted errors on truncated/corrupt files
-        raise MmprojError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise MmprojError(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
+    reader = read_gguf(path, MmprojError)
     arch = field(reader, "general.architecture")
     if arch != "clip":
         hint = " (this looks like a text model GGUF; pass llama.cpp's mmproj-*.gguf file)" if arch else ""

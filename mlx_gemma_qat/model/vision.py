@@ -156,6 +156,6 @@ class MultiModalProjector(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # x: (B, P*P, D) row-major patch grid -> average over k x k blocks -> (B, side*side, D)
         B, N, D = x.shape
-        P, k, s = self.side * self.kernel, self.kernel, self.side
+        k, s = self.kernel, self.side
         x = x.reshape(B, s, k, s, k, D).mean(axis=(2, 4)).reshape(B, s * s, D)
         return self.mm_soft_emb_norm(x) @ self.mm_input_projection_weight
