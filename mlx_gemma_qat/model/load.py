@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_map_with_path
 
 from .config import TextConfig
 from .multimodal import Model as MultimodalModel
@@ -116,7 +116,3 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     if not lazy:
         mx.eval(model.parameters())
     return model
-
-
-def weight_nbytes(model: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
