@@ -69,13 +69,15 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
               help="Apply the chat template or not (default: when the model ships one, i.e. instruction-tuned).")
 @click.option("--system", default=None, help="System prompt (folded into the first user turn).")
 @click.option("--image", "images", multiple=True, help="Image path or URL (repeatable; needs a vision model).")
+@click.option("--pan-and-scan", is_flag=True,
+              help="Also show the model 2-4 crops of each elongated image (aspect ratio >= 1.2), as Gemma 3 can.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
 @click.option("--prefill-step", type=int, default=256, show_default=True)
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
 @_clean_errors
-def generate(model, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, dtype, prefill_step,
-             stats):
+def generate(model, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
+             prefill_step, stats):
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import format_stats, stream_generate
@@ -85,7 +87,7 @@ def generate(model, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, s
     m, tok = load(model, dtype=dtype)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                seed=seed, chat=chat, system=system, images=list(images) or None,
+                                seed=seed, chat=chat, system=system, images=list(images) or None, pan_and_scan=pan_and_scan,
                                 prefill_step_size=prefill_step):
         click.echo(last.text, nl=False)
     click.echo()

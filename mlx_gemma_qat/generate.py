@@ -118,6 +118,7 @@ def encode_prompt(
     system: str | None = None,
     n_images: int = 0,
     image_ids: tuple[int, int, int, int] | None = None,
+    crops: list[int] | None = None,
 ) -> list[int]:
     """Token ids for a prompt: through the chat template or raw (BOS added once).
 
@@ -125,7 +126,8 @@ def encode_prompt(
     model's GGUF has none); ``chat=True`` falls back to the Gemma 3 template. With ``n_images``, each
     <start_of_image> marker (the template puts one per image; a raw prompt may place its own, else the
     images go first) becomes "\n\n" <start_of_image> + n soft tokens + <end_of_image> "\n\n", as Gemma 3's
-    processor lays it out; ``image_ids`` = (boi, eoi, image token, tokens per image).
+    processor lays it out; ``image_ids`` = (boi, eoi, image token, tokens per image). ``crops``: the
+    number of pan-and-scan crops of each image, laid out after it as the processor does.
     """
     own = getattr(tokenizer, "chat_template", None)
     if is_messages(prompt):
@@ -156,11 +158,15 @@ def encode_prompt(
     pieces = text.split(BOI)
     if len(pieces) - 1 != n_images:
         raise ValueError(f"the prompt has {len(pieces) - 1} {BOI} markers for {n_images} image(s)")
+    from .image import crop_prompt
+
+    crops = crops or [0] * n_images
+    text = pieces[0] + "".join(crop_prompt(f"\n\n{BOI}\n\n", c) + p for c, p in zip(crops, pieces[1:]))
     boi, eoi, img, n = image_ids
-    ids = enc(pieces[0] + "\n\n")
-    for k, piece in enumerate(pieces[1:], 1):
-        ids += [boi] + [img] * n + [eoi]
-        ids += enc("\n\n" + piece + ("\n\n" if k < n_images else ""))
+    pieces = text.split(BOI)  # now one per image and crop, each a run of n soft tokens
+    ids = enc(pieces[0])
+    for piece in pieces[1:]:
+        ids += [boi] + [img] * n + [eoi] + enc(piece)
     return ids
 
 
@@ -197,6 +203,7 @@ def stream_generate(
     chat: bool | None = None,
     system: str | None = None,
     images: list | None = None,
+    pan_and_scan: bool = False,
     stop_strings: list[str] | None = None,
     prefill_step_size: int = 256,
     cache: list | None = None,
@@ -205,7 +212,8 @@ def stream_generate(
     chat messages ({"role", "content"}; content a string or items {"type": "text", "text": ...} and
     {"type": "image", "image": ...}) for multi-turn chats, with images anywhere in them.
 
-    ``images``: paths, URLs, PIL images or arrays, for a model with a vision tower.
+    ``images``: paths, URLs, PIL images or arrays, for a model with a vision tower. ``pan_and_scan``:
+    also show the model crops of elongated images (True, or an ``image.PanAndScan`` with other settings).
     """
     if seed is not None:
         mx.random.seed(seed)
@@ -217,7 +225,13 @@ def stream_generate(
         raise ValueError("this model is text-only: it has no vision tower to read images")
     m = getattr(model, "mcfg", None)
     image_ids = (m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) if m else None
-    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []), image_ids=image_ids)
+    pixels, crops = None, None
+    if images:
+        from .image import preprocess_all
+
+        pixels, crops = preprocess_all(images, m.vision.image_size, pan_and_scan)
+    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []), image_ids=image_ids,
+                        crops=crops)
     limit = _context_limit(model)
     if not ids:
         raise ValueError("empty prompt")
@@ -225,14 +239,12 @@ def stream_generate(
         raise ValueError("max_tokens must be >= 1")
     if len(ids) >= limit:
         with_images = f" with {len(images)} image(s)" if images else ""
+        with_images += f" and {sum(crops)} crop(s)" if crops and sum(crops) else ""
         raise ContextLengthError(f"prompt is {len(ids)} tokens{with_images}; the model's context is {limit}")
     max_tokens = min(max_tokens, limit - len(ids))
     embeddings = groups = None
     if images:
-        from .image import preprocess_all
-
-        pixels = mx.array(preprocess_all(images, m.vision.image_size))
-        embeddings, groups = model.embed_prompt(ids, pixels)
+        embeddings, groups = model.embed_prompt(ids, mx.array(pixels))
     sampler = sampler or make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer

@@ -3,11 +3,17 @@
 Steps: open (path, URL, PIL image or array), apply the EXIF orientation, convert to RGB, resize to the
 tower's square input with Pillow's bilinear filter on 8-bit pixels, scale to [0, 1], normalize with mean
 0.5 and std 0.5 per channel, channels first.
+
+Pan and scan (optional, as Gemma 3's processor does it): an image whose aspect ratio is at least 1.2 is
+also cut along its long side into 2 to 4 equal crops of at least 256 pixels; the crops follow the whole
+image as extra images, and the prompt says so (``crop_prompt``).
 """
 
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +67,60 @@ def open_image(src):
     return img.convert("RGB")
 
 
-def preprocess(src, size: int) -> np.ndarray:
-    """(3, size, size) float32 pixel values for one image."""
+@dataclass(frozen=True)
+class PanAndScan:
+    """Gemma 3's pan-and-scan settings (transformers' Gemma3Processor defaults)."""
+
+    min_crop_size: int = 256
+    max_num_crops: int = 4
+    min_ratio_to_activate: float = 1.2
+
+
+def pan_and_scan_boxes(width: int, height: int, opts: PanAndScan = PanAndScan()) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (left, top, right, bottom) for an image, or [] when it is not elongated enough."""
+    long, short = max(width, height), min(width, height)
+    if long / short < opts.min_ratio_to_activate:
+        return []
+    n = min(int(math.floor(long / short + 0.5)), int(math.floor(long / opts.min_crop_size)))  # half rounds up
+    n = min(opts.max_num_crops, max(2, n))
+    step = int(math.ceil(long / n))
+    if min(step, short) < opts.min_crop_size:
+        return []
+    if width >= height:
+        return [(x, 0, min(x + step, width), height) for x in range(0, step * n, step)]
+    return [(0, y, width, min(y + step, height)) for y in range(0, step * n, step)]
+
+
+def _pixels(img, size: int) -> np.ndarray:
     from PIL import Image
 
-    img = open_image(src)
     img = img.resize((size, size), resample=Image.Resampling.BILINEAR)
     x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
     x = (x - MEAN) / STD
     return x.transpose(2, 0, 1).astype(np.float32)
 
 
-def preprocess_all(images, size: int) -> np.ndarray:
-    return np.stack([preprocess(im, size) for im in images]) if images else np.zeros((0, 3, size, size), np.float32)
+def preprocess(src, size: int) -> np.ndarray:
+    """(3, size, size) float32 pixel values for one image."""
+    return _pixels(open_image(src), size)
+
+
+def preprocess_all(images, size: int, pan_and_scan: bool | PanAndScan = False) -> tuple[np.ndarray, list[int]]:
+    """Pixel values (n, 3, size, size) for the images, each followed by its pan-and-scan crops when
+    asked, and the number of crops of each image."""
+    opts = PanAndScan() if pan_and_scan is True else pan_and_scan or None
+    out, crops = [], []
+    for src in images or []:
+        img = open_image(src)
+        boxes = pan_and_scan_boxes(*img.size, opts) if opts else []
+        out += [_pixels(img, size)] + [_pixels(img.crop(b), size) for b in boxes]
+        crops.append(len(boxes))
+    return (np.stack(out) if out else np.zeros((0, 3, size, size), np.float32)), crops
+
+
+def crop_prompt(image: str, crops: int) -> str:
+    """The text an image with pan-and-scan crops stands for (``image`` being one image's own layout)."""
+    if not crops:
+        return image
+    return (f"Here is the original image {image} and here are some crops to help you see better "
+            + " ".join([image] * crops))
