@@ -58,6 +58,8 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
 
 @main.command()
 @click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@click.option("--mmproj", default=None, type=click.Path(),
+              help="With a text GGUF --model: llama.cpp's vision GGUF (mmproj), to read --image.")
 @click.option("--prompt", "-p", required=True, help="Prompt text ('-' reads standard input).")
 @click.option("--max-tokens", "-n", type=int, default=256, show_default=True)
 @click.option("--temp", type=float, default=0.0, show_default=True)
@@ -76,7 +78,7 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
 @click.option("--prefill-step", type=int, default=256, show_default=True)
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
 @_clean_errors
-def generate(model, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
+def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
              prefill_step, stats):
     """Generate text, streaming tokens as they come."""
     from . import load
@@ -84,7 +86,7 @@ def generate(model, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, s
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    m, tok = load(model, dtype=dtype)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 seed=seed, chat=chat, system=system, images=list(images) or None, pan_and_scan=pan_and_scan,

@@ -47,14 +47,18 @@ def _key(src: Path) -> str:
     return hashlib.sha1(ident.encode()).hexdigest()[:12]
 
 
-def resolve_model(spec: str | os.PathLike | None, *, progress: bool = True) -> Path:
-    """An MLX folder for ``spec`` (None = the embedded default), converting into the cache if needed."""
+def resolve_model(spec: str | os.PathLike | None, *, mmproj: str | os.PathLike | None = None,
+                  progress: bool = True) -> Path:
+    """An MLX folder for ``spec`` (None = the embedded default), converting into the cache if needed.
+    ``mmproj``: llama.cpp's vision GGUF to convert together with a text GGUF ``spec``."""
     from .convert import convert, is_gguf
     from .convert.from_hf import resolve
 
     src = default_gguf() if spec is None else Path(spec).expanduser()
     if not src.exists():
         src = resolve(str(spec))  # a hub repo id (works offline from the hub cache)
+    if mmproj is not None and not is_gguf(src):
+        raise ModelNotFoundError(f"--mmproj goes with a text GGUF model; {src} is not one")
     if src.is_dir() and is_mlx_folder(src):
         return src
     if src.is_file() and not is_gguf(src):
@@ -62,9 +66,15 @@ def resolve_model(spec: str | os.PathLike | None, *, progress: bool = True) -> P
     probe = src if src.is_file() else src / "config.json"
     if not probe.exists():
         raise ModelNotFoundError(f"{src}: no config.json (not a model folder)")
-    out = cache_root() / f"{src.name.removesuffix('.gguf')}-{_key(probe)}"
+    key = _key(probe)
+    if mmproj is not None:
+        mmproj = Path(mmproj).expanduser()
+        if not mmproj.is_file():
+            raise ModelNotFoundError(f"{mmproj}: no such mmproj file")
+        key = hashlib.sha1((key + _key(mmproj)).encode()).hexdigest()[:12]
+    out = cache_root() / f"{src.name.removesuffix('.gguf')}-{key}"
     if not (out / "config.json").is_file():
         if progress:
-            print(f"converting {src} -> {out} (once)", file=sys.stderr)
-        convert(src, out, force=out.exists(), progress=progress)
+            print(f"converting {src}{f' + {mmproj}' if mmproj else ''} -> {out} (once)", file=sys.stderr)
+        convert(src, out, mmproj=mmproj, force=out.exists(), progress=progress)
     return out

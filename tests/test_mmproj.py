@@ -155,3 +155,28 @@ def test_mmproj_with_a_mismatched_text_model(tmp_path):
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "text.gguf"), "--mmproj", str(tmp_path / "text.gguf"),
                                   "-o", str(tmp_path / "bad"), "--quiet"])
     assert r.exit_code != 0 and "clip" in r.output and not (tmp_path / "bad").exists()
+
+
+def test_generate_with_gguf_and_mmproj(tmp_path, monkeypatch):
+    """`generate -m text.gguf --mmproj mmproj.gguf --image ...`: converted once (keyed by both files), then reused."""
+    from click.testing import CliRunner
+
+    from gguf_factory import write_tiny_gguf
+    from mlx_gemma_qat.cli import main
+
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    vlm = Path(__file__).parent / "fixtures" / "tiny_gemma3_vlm"
+    text = tmp_path / "text.gguf"
+    write_tiny_gguf(text, gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F32, source=vlm)
+    image = str(Path(__file__).parent / "fixtures" / "images" / "a.png")
+    args = ["generate", "-m", str(text), "--image", image, "--prompt", "What?", "-n", "2", "--raw"]
+    r = CliRunner().invoke(main, args)  # the text GGUF alone has no vision tower
+    assert r.exit_code == 1 and "text-only" in r.output
+    for _ in range(2):
+        r = CliRunner().invoke(main, args + ["--mmproj", str(MMPROJ)])
+        assert r.exit_code == 0, r.output
+        assert "Prompt: 26 tokens" in r.output, r.output  # BOS + 20 image tokens + "What?"
+    folders = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(folders) == 2  # text alone, text + mmproj; the second run reused its folder
+    r = CliRunner().invoke(main, ["generate", "-m", str(vlm), "--mmproj", str(MMPROJ), "--prompt", "x", "-n", "1"])
+    assert r.exit_code == 1 and "--mmproj goes with a text GGUF" in r.output
