@@ -32,6 +32,7 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, lazy: bool = False):
 
 # Imported eagerly: a lazy wrapper would be replaced by the submodule of the same name (mlx_gemma_qat.generate)
 # as soon as anything imported that submodule.
+from .chat import ChatSession  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402
 
 
@@ -41,4 +42,4 @@ def convert(*args, **kwargs):
     return _c(*args, **kwargs)
 
 
-__all__ = ["load", "generate", "stream_generate", "convert", "__version__"]
+__all__ = ["load", "generate", "stream_generate", "ChatSession", "convert", "__version__"]

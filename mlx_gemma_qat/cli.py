@@ -1,4 +1,4 @@
-"""The ``mlx-gemma`` command line: convert, generate, inspect."""
+"""The ``mlx-gemma`` command line: convert, generate, chat, inspect."""
 
 from __future__ import annotations
 
@@ -96,6 +96,68 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     if stats and last is not None:
         click.echo("=" * 10, err=True)
         click.echo(format_stats(last), err=True)
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@click.option("--mmproj", default=None, type=click.Path(), help="With a text GGUF --model: llama.cpp's vision GGUF.")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--image", "images", multiple=True, help="Image(s) for the first message (later: /image PATH).")
+@click.option("--pan-and-scan", is_flag=True, help="Also show the model crops of elongated images.")
+@click.option("--max-tokens", "-n", type=int, default=512, show_default=True, help="Most tokens per reply.")
+@click.option("--temp", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=0.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
+@click.option("--stats", is_flag=True, help="Print prompt/decode speed and cache use after each reply.")
+@_clean_errors
+def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, stats):
+    """Chat in the terminal; the KV cache carries over between turns.
+
+    Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
+    """
+    from . import load
+    from .chat import ChatSession
+    from .generate import format_stats
+
+    m, tok = load(model, mmproj=mmproj, dtype=dtype)
+    session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan)
+    pending = list(images)
+    if seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(seed)
+    click.echo("Chat with the model: /image PATH attaches an image, /reset starts over, /quit ends.", err=True)
+    while True:
+        line = click.prompt(">>", prompt_suffix=" ", default="", show_default=False, err=True)
+        text = line.strip()
+        if text in ("/quit", "/exit", "/q"):
+            break
+        if text == "/reset":
+            session.reset()
+            pending = []
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if text.startswith("/image "):
+            pending.append(text[len("/image "):].strip())
+            continue
+        if not text:
+            continue
+        try:
+            last = None
+            for last in session.send(text, pending, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p):
+                click.echo(last.text, nl=False)
+            click.echo()
+            pending = []
+            if stats and last is not None:
+                click.echo(format_stats(last) + f"\n(prompt tokens reused from the cache: {session.reused_tokens})",
+                           err=True)
+        except ValueError as e:  # a bad image, a full context: the session goes on without that message
+            click.echo(f"Error: {e}", err=True)
+            pending = []
 
 
 @main.command()

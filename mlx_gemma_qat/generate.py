@@ -232,7 +232,8 @@ def stream_generate(
         pixels, crops = preprocess_all(images, m.vision.image_size, pan_and_scan)
     ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []), image_ids=image_ids,
                         crops=crops)
-    limit = _context_limit(model)
+    used = cache[0].offset if cache else 0  # tokens an earlier turn left in a reused cache
+    limit = _context_limit(model) - used
     if not ids:
         raise ValueError("empty prompt")
     if max_tokens < 1:
@@ -240,7 +241,9 @@ def stream_generate(
     if len(ids) >= limit:
         with_images = f" with {len(images)} image(s)" if images else ""
         with_images += f" and {sum(crops)} crop(s)" if crops and sum(crops) else ""
-        raise ContextLengthError(f"prompt is {len(ids)} tokens{with_images}; the model's context is {limit}")
+        before = f" after {used} tokens already in the cache" if used else ""
+        raise ContextLengthError(
+            f"prompt is {len(ids)} tokens{with_images}{before}; the model's context is {limit + used}")
     max_tokens = min(max_tokens, limit - len(ids))
     embeddings = groups = None
     if images:

@@ -118,6 +118,12 @@ def preprocess_all(images, size: int, pan_and_scan: bool | PanAndScan = False) -
     return (np.stack(out) if out else np.zeros((0, 3, size, size), np.float32)), crops
 
 
+def crop_counts(images, pan_and_scan: bool | PanAndScan = False) -> list[int]:
+    """The number of pan-and-scan crops each image gets (reads only the images' sizes)."""
+    opts = PanAndScan() if pan_and_scan is True else pan_and_scan or None
+    return [len(pan_and_scan_boxes(*open_image(src).size, opts)) if opts else 0 for src in images or []]
+
+
 def crop_prompt(image: str, crops: int) -> str:
     """The text an image with pan-and-scan crops stands for (``image`` being one image's own layout)."""
     if not crops:

@@ -104,3 +104,21 @@ def test_mlx_lm_loads_the_converted_folder(real_270m, ref):
     assert tokenizer.encode("The capital of France is") == [int(t) for t in ref["capital_ids"]]
     logits = model(mx.array(ref["capital_ids"][None]))
     assert int(mx.argmax(logits[0, -1]).item()) == int(np.argmax(ref["capital_last_logits"]))
+
+
+def test_chat_second_turn_reuses_the_cache(real_270m):
+    """The real tokenizer re-encodes the model's own reply to the ids it generated, so turn two prefills
+    only its new tokens, and replies as a fresh prompt of the whole conversation would."""
+    from mlx_gemma_qat import load, stream_generate
+    from mlx_gemma_qat.chat import ChatSession
+
+    model, tok = load(real_270m)
+    s = ChatSession(model, tok)
+    history = []
+    for text in ("Name a colour.", "Another one?"):
+        rs = list(s.send(text, max_tokens=6))
+        history.append({"role": "user", "content": text})
+        fresh = list(stream_generate(model, tok, history, 6))
+        assert [r.token for r in rs] == [r.token for r in fresh]
+        history.append({"role": "assistant", "content": "".join(r.text for r in rs)})
+    assert s.reused_tokens > 10 and rs[-1].prompt_tokens == fresh[-1].prompt_tokens - s.reused_tokens

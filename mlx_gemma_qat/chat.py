@@ -1,0 +1,78 @@
+"""Multi-turn chat whose KV cache carries over from turn to turn.
+
+Each turn renders the whole conversation with the chat template, as a fresh prompt would be, and
+compares its token ids with those already in the cache (the earlier prompts and the tokens the model
+generated, as it generated them). When the cache holds a prefix of the new prompt, only the rest is
+prefilled; otherwise (the template re-tokenized a reply differently, e.g. it trims trailing spaces) the
+conversation is prefilled again from the start, so reuse never changes what the model sees.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .generate import GenerationResponse, encode_prompt, stream_generate
+from .image import PanAndScan, crop_counts
+
+
+class ChatSession:
+    """A conversation with ``model``. ``send`` streams the reply to one user message."""
+
+    def __init__(self, model, tokenizer, *, system: str | None = None, pan_and_scan: bool | PanAndScan = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.pan_and_scan = pan_and_scan
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation and empty the cache."""
+        self.messages: list[dict] = []
+        self.images: list = []  # every image of the conversation, in order
+        self.crops: list[int] = []  # pan-and-scan crops of each
+        self.cache = self.model.make_cache()
+        self.cached_ids: list[int] = []  # the tokens the cache holds
+        self.reused_tokens = 0  # of the last turn's prompt, how many came from the cache
+
+    def send(self, text: str, images: list | None = None, max_tokens: int = 512, **kwargs) -> Iterator[GenerationResponse]:
+        """Stream the reply to ``text`` (with ``images``, shown before the text); ``kwargs`` go to
+        ``stream_generate`` (sampling, stop strings, prefill step)."""
+        images = list(images or [])
+        if images and not hasattr(self.model, "embed_prompt"):
+            raise ValueError("this model is text-only: it has no vision tower to read images")
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}] if images else text
+        messages = self.messages + [{"role": "user", "content": content}]
+        m = getattr(self.model, "mcfg", None)
+        crops = self.crops + crop_counts(images, self.pan_and_scan)
+        ids = encode_prompt(
+            self.tokenizer, messages, chat=True, system=self.system, n_images=len(self.images) + len(images),
+            image_ids=(m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) if m else None,
+            crops=crops,
+        )
+        n = len(self.cached_ids)
+        if ids[:n] != self.cached_ids or n == len(ids):
+            self.cache, self.cached_ids, n = self.model.make_cache(), [], 0
+        new_images = _last_images(ids[n:], self.images + images, crops, m.image_token_index if m else None)
+        tokens, reply = [], ""
+        for r in stream_generate(self.model, self.tokenizer, ids[n:], max_tokens, images=new_images or None,
+                                 pan_and_scan=self.pan_and_scan, cache=self.cache, **kwargs):
+            tokens.append(r.token)
+            reply += r.text
+            yield r
+        # the cache now holds the prompt and the generated tokens it was fed (all but a last one
+        # that was not fed, when generation stopped at max_tokens)
+        self.cached_ids = (ids + tokens)[: self.cache[0].offset]
+        self.reused_tokens = n
+        self.messages = messages + [{"role": "assistant", "content": reply}]
+        self.images += images
+        self.crops = crops
+
+
+def _last_images(ids: list[int], images: list, crops: list[int], image_token: int | None) -> list:
+    """The images whose soft tokens are in ``ids``, the tail of a prompt: the last images of the
+    conversation, each one run of soft tokens plus one per crop."""
+    runs = sum(1 for i, t in enumerate(ids) if t == image_token and (i == 0 or ids[i - 1] != t))
+    k = len(images)
+    while runs > 0:
+        k -= 1
+        runs -= 1 + crops[k]
+    return images[k:]
