@@ -159,3 +159,16 @@ def test_inspect_reports_the_vision_tower(vlm):
     r = CliRunner().invoke(main, ["inspect", str(folder)])
     assert r.exit_code == 0 and "vision: SigLIP 2 layers, hidden 32, 112px input" in r.output
     assert "vision_tower.layers.*.mlp.fc1" in r.output
+
+
+def test_bfloat16_compute(vlm, ref):
+    """bf16 (the GPU default) runs the tower in bf16 too; its features stay close to float32's."""
+    from mlx_gemma_qat.model.load import load_model
+
+    model = load_model(vlm[0], dtype="bfloat16")
+    assert model.vision_dtype == mx.bfloat16
+    feats = np.array(model.encode_images(_pixels(ref, ["a"]))[0].astype(mx.float32))
+    err = np.abs(feats - ref["features_a"]).max() / np.abs(ref["features_a"]).max()
+    assert 1e-4 < err < 0.05, err  # really bf16 (not silently float32), and still faithful
+    with pytest.raises(ValueError, match="float16"):
+        load_model(vlm[0], dtype="float16")

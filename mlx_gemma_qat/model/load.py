@@ -110,8 +110,7 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     model.update(tree_map_with_path(cast, model.parameters()))
     text.model.compute_dtype = dtype
     if text is not model:
-        # the vision tower runs in the compute dtype, never float16 (SigLIP activations overflow it)
-        model.vision_dtype = dtype
+        model.vision_dtype = dtype  # the compute dtype (float16, refused above, would overflow SigLIP too)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
