@@ -60,3 +60,16 @@ def real_270m_exact(real_gguf, tmp_path_factory):
     from mlx_gemma_qat.convert import convert
 
     return convert(real_gguf, tmp_path_factory.mktemp("real") / "gemma3-270m-exact", q6k="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def vlm(tmp_path_factory):
+    """The tiny Gemma 3 vision-language fixture (made by transformers) converted: (folder, model, tokenizer)."""
+    from pathlib import Path
+
+    from mlx_gemma_qat import load
+    from mlx_gemma_qat.convert import convert
+
+    src = Path(__file__).parent / "fixtures" / "tiny_gemma3_vlm"
+    folder = convert(src, tmp_path_factory.mktemp("vlm") / "m", mode="none", progress=False)
+    return folder, *load(folder)

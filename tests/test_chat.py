@@ -7,19 +7,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_gemma_qat import load, stream_generate
+from mlx_gemma_qat import stream_generate
 from mlx_gemma_qat.chat import ChatSession
 from mlx_gemma_qat.cli import main
-from mlx_gemma_qat.convert import convert
 
 FIX = Path(__file__).parent / "fixtures"
 IMAGES = FIX / "images"
-
-
-@pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    folder = convert(FIX / "tiny_gemma3_vlm", tmp_path_factory.mktemp("c") / "m", mode="none", progress=False)
-    return folder, *load(folder)
 
 
 def letters_only(tok):

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_gemma_qat import load, stream_generate
+from mlx_gemma_qat import stream_generate
 from mlx_gemma_qat.cli import main
-from mlx_gemma_qat.convert import convert
 from mlx_gemma_qat.generate import ContextLengthError, encode_prompt, generate_step
 from mlx_gemma_qat.image import PanAndScan, pan_and_scan_boxes, preprocess_all
 
@@ -23,12 +22,6 @@ PROMPT = "Compare <start_of_image> and <start_of_image>."
 @pytest.fixture(scope="module")
 def ref():
     return np.load(FIX / "tiny_gemma3_vlm_pan_and_scan.npz")
-
-
-@pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    folder = convert(FIX / "tiny_gemma3_vlm", tmp_path_factory.mktemp("v") / "m", mode="none", progress=False)
-    return folder, *load(folder)
 
 
 def _pixel_values(u8):

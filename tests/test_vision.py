@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_gemma_qat import load, stream_generate
+from mlx_gemma_qat import stream_generate
 from mlx_gemma_qat.cli import main
 from mlx_gemma_qat.convert import convert
 from mlx_gemma_qat.generate import prefill
@@ -24,12 +24,6 @@ IMAGES = FIX / "images"
 @pytest.fixture(scope="module")
 def ref():
     return np.load(FIX / "tiny_gemma3_vlm_reference.npz")
-
-
-@pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    folder = convert(FIX / "tiny_gemma3_vlm", tmp_path_factory.mktemp("v") / "m", mode="none", progress=False)
-    return folder, *load(folder)
 
 
 def _pixels(ref, names):
