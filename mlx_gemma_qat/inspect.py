@@ -132,10 +132,14 @@ def inspect_mlx(path: Path) -> Report:
     rep = Report(str(path), "mlx", cfg, list(groups.values()), file_bytes, memory)
     v = config.get("vision_config")
     if isinstance(v, dict):
+        vis = {n: i for n, i in tensors.items() if n.startswith(("vision_tower.", "multi_modal_projector."))}
+        stored = "/".join(sorted({i["dtype"].lower() for i in vis.values()})) or "?"
         rep.notes.insert(0, (
             f"vision: SigLIP {v.get('num_hidden_layers')} layers, hidden {v.get('hidden_size')}, "
             f"{v.get('image_size')}px input, {v.get('patch_size')}px patches, "
-            f"{config.get('mm_tokens_per_image')} soft tokens per image; kept in float, run in the compute dtype"
+            f"{config.get('mm_tokens_per_image')} soft tokens per image; {sum(_numel(i) for i in vis.values()):,} "
+            f"parameters (with projector) stored {stored}, never quantized, run in the compute dtype "
+            "(float32 on CPU, bfloat16 on GPU)"
         ))
     prov = config.get("mlx_gemma_qat")
     if prov:

@@ -152,6 +152,7 @@ def test_inspect_reports_the_vision_tower(vlm):
     folder, _, _ = vlm
     r = CliRunner().invoke(main, ["inspect", str(folder)])
     assert r.exit_code == 0 and "vision: SigLIP 2 layers, hidden 32, 112px input" in r.output
+    assert "37,008 parameters (with projector) stored bf16, never quantized" in r.output
     assert "vision_tower.layers.*.mlp.fc1" in r.output
 
 
