@@ -132,7 +132,11 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
         mx.random.seed(seed)
     click.echo("Chat with the model: /image PATH attaches an image, /reset starts over, /quit ends.", err=True)
     while True:
-        line = click.prompt(">>", prompt_suffix=" ", default="", show_default=False, err=True)
+        try:
+            line = click.prompt(">>", prompt_suffix=" ", default="", show_default=False, err=True)
+        except click.exceptions.Abort:  # end of input (Ctrl-D) or Ctrl-C
+            click.echo(err=True)
+            break
         text = line.strip()
         if text in ("/quit", "/exit", "/q"):
             break

@@ -96,3 +96,8 @@ def test_cli_chat(vlm):
     assert len(reused) == 3  # hello, what is it, again (the bad image's turn failed)
     assert reused[0] == 0 and reused[2] == 0  # first turn and after /reset
     assert "Error:" in r.output and "nope.png" in r.output
+
+
+def test_cli_chat_ends_cleanly_at_end_of_input(vlm):
+    r = CliRunner().invoke(main, ["chat", "-m", str(vlm[0]), "-n", "2"], input="hello\n")
+    assert r.exit_code == 0, r.output
