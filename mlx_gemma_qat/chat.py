@@ -53,18 +53,21 @@ class ChatSession:
             self.cache, self.cached_ids, n = self.model.make_cache(), [], 0
         new_images = _last_images(ids[n:], self.images + images, crops, m.image_token_index if m else None)
         tokens, reply = [], ""
-        for r in stream_generate(self.model, self.tokenizer, ids[n:], max_tokens, images=new_images or None,
-                                 pan_and_scan=self.pan_and_scan, cache=self.cache, **kwargs):
-            tokens.append(r.token)
-            reply += r.text
-            yield r
-        # the cache now holds the prompt and the generated tokens it was fed (all but a last one
-        # that was not fed, when generation stopped at max_tokens)
-        self.cached_ids = (ids + tokens)[: self.cache[0].offset]
-        self.reused_tokens = n
-        self.messages = messages + [{"role": "assistant", "content": reply}]
-        self.images += images
-        self.crops = crops
+        try:
+            for r in stream_generate(self.model, self.tokenizer, ids[n:], max_tokens, images=new_images or None,
+                                     pan_and_scan=self.pan_and_scan, cache=self.cache, **kwargs):
+                tokens.append(r.token)
+                reply += r.text
+                yield r
+        finally:  # also when the caller stops early or generation fails: keep the record true to the cache
+            # the cache holds the prompt (or the part prefilled before a failure) and the generated tokens
+            # it was fed: all but a last one when generation stopped at max_tokens or was left
+            self.cached_ids = (ids + tokens)[: self.cache[0].offset]
+            self.reused_tokens = n
+            if tokens:  # the turn happened (perhaps cut short): it is part of the conversation
+                self.messages = messages + [{"role": "assistant", "content": reply}]
+                self.images += images
+                self.crops = crops
 
 
 def _last_images(ids: list[int], images: list, crops: list[int], image_token: int | None) -> list:

@@ -101,3 +101,18 @@ def test_cli_chat(vlm):
 def test_cli_chat_ends_cleanly_at_end_of_input(vlm):
     r = CliRunner().invoke(main, ["chat", "-m", str(vlm[0]), "-n", "2"], input="hello\n")
     assert r.exit_code == 0, r.output
+
+
+def test_a_reply_left_early_keeps_the_cache_record_true(vlm):
+    """A caller that stops reading a reply (break) leaves the cache holding what was fed; the next turn
+    still replies as a fresh prompt of the conversation (with the reply as far as it went) would."""
+    _, model, tok = vlm
+    sampler = letters_only(tok)
+    s = ChatSession(model, tok)
+    for r in s.send("hi", max_tokens=10, sampler=sampler):
+        if r.generation_tokens == 3:
+            break
+    assert s.cache[0].offset == len(s.cached_ids) and len(s.messages) == 2
+    rs = list(s.send("more", max_tokens=6, sampler=sampler))
+    assert s.reused_tokens > 0
+    assert [r.token for r in rs] == fresh(model, tok, s.messages[:-1], sampler, 6)[0]
