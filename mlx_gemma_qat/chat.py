@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .generate import GenerationResponse, encode_prompt, stream_generate
+import numpy as np
+
+from .generate import GenerationResponse, encode_prompt, image_token_ids, stream_generate
 from .image import PanAndScan, crop_counts
+from .model.multimodal import image_groups
 
 
 class ChatSession:
@@ -41,17 +44,13 @@ class ChatSession:
             raise ValueError("this model is text-only: it has no vision tower to read images")
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}] if images else text
         messages = self.messages + [{"role": "user", "content": content}]
-        m = getattr(self.model, "mcfg", None)
         crops = self.crops + crop_counts(images, self.pan_and_scan)
-        ids = encode_prompt(
-            self.tokenizer, messages, chat=True, system=self.system, n_images=len(self.images) + len(images),
-            image_ids=(m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) if m else None,
-            crops=crops,
-        )
+        ids = encode_prompt(self.tokenizer, messages, chat=True, system=self.system,
+                            n_images=len(self.images) + len(images), image_ids=image_token_ids(self.model), crops=crops)
         n = len(self.cached_ids)
         if ids[:n] != self.cached_ids or n == len(ids):
             self.cache, self.cached_ids, n = self.model.make_cache(), [], 0
-        new_images = _last_images(ids[n:], self.images + images, crops, m.image_token_index if m else None)
+        new_images = self._last_images(ids[n:], self.images + images, crops)
         tokens, reply = [], ""
         try:
             for r in stream_generate(self.model, self.tokenizer, ids[n:], max_tokens, images=new_images or None,
@@ -70,12 +69,14 @@ class ChatSession:
                 self.crops = crops
 
 
-def _last_images(ids: list[int], images: list, crops: list[int], image_token: int | None) -> list:
-    """The images whose soft tokens are in ``ids``, the tail of a prompt: the last images of the
-    conversation, each one run of soft tokens plus one per crop."""
-    runs = sum(1 for i, t in enumerate(ids) if t == image_token and (i == 0 or ids[i - 1] != t))
-    k = len(images)
-    while runs > 0:
-        k -= 1
-        runs -= 1 + crops[k]
-    return images[k:]
+    def _last_images(self, ids: list[int], images: list, crops: list[int]) -> list:
+        """The images whose soft tokens are in ``ids``, the tail of a prompt: the last images of the
+        conversation, each one run of soft tokens plus one per crop."""
+        if not images:
+            return []
+        runs = int(image_groups(np.array(ids), self.model.mcfg.image_token_index).max(initial=-1)) + 1
+        k = len(images)
+        while runs > 0:
+            k -= 1
+            runs -= 1 + crops[k]
+        return images[k:]

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
+from .image import crop_prompt, preprocess_all
 from .model.cache import cache_nbytes
 
 
@@ -158,8 +159,6 @@ def encode_prompt(
     pieces = text.split(BOI)
     if len(pieces) - 1 != n_images:
         raise ValueError(f"the prompt has {len(pieces) - 1} {BOI} markers for {n_images} image(s)")
-    from .image import crop_prompt
-
     crops = crops or [0] * n_images
     text = pieces[0] + "".join(crop_prompt(f"\n\n{BOI}\n\n", c) + p for c, p in zip(crops, pieces[1:]))
     boi, eoi, img, n = image_ids
@@ -168,6 +167,12 @@ def encode_prompt(
     for piece in pieces[1:]:
         ids += [boi] + [img] * n + [eoi] + enc(piece)
     return ids
+
+
+def image_token_ids(model) -> tuple[int, int, int, int] | None:
+    """(boi, eoi, image token, tokens per image) of a model with a vision tower, else None."""
+    m = getattr(model, "mcfg", None)
+    return (m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) if m else None
 
 
 def is_messages(prompt) -> bool:
@@ -223,15 +228,11 @@ def stream_generate(
         images = message_images(prompt) or None
     if images and not hasattr(model, "embed_prompt"):
         raise ValueError("this model is text-only: it has no vision tower to read images")
-    m = getattr(model, "mcfg", None)
-    image_ids = (m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) if m else None
     pixels, crops = None, None
     if images:
-        from .image import preprocess_all
-
-        pixels, crops = preprocess_all(images, m.vision.image_size, pan_and_scan)
-    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []), image_ids=image_ids,
-                        crops=crops)
+        pixels, crops = preprocess_all(images, model.mcfg.vision.image_size, pan_and_scan)
+    ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []),
+                        image_ids=image_token_ids(model), crops=crops)
     used = cache[0].offset if cache else 0  # tokens an earlier turn left in a reused cache
     limit = _context_limit(model) - used
     if not ids:

@@ -91,6 +91,10 @@ def pan_and_scan_boxes(width: int, height: int, opts: PanAndScan = PanAndScan())
     return [(0, y, width, min(y + step, height)) for y in range(0, step * n, step)]
 
 
+def _pan_and_scan_options(pan_and_scan: bool | PanAndScan) -> PanAndScan | None:
+    return PanAndScan() if pan_and_scan is True else pan_and_scan or None
+
+
 def _pixels(img, size: int) -> np.ndarray:
     from PIL import Image
 
@@ -108,7 +112,7 @@ def preprocess(src, size: int) -> np.ndarray:
 def preprocess_all(images, size: int, pan_and_scan: bool | PanAndScan = False) -> tuple[np.ndarray, list[int]]:
     """Pixel values (n, 3, size, size) for the images, each followed by its pan-and-scan crops when
     asked, and the number of crops of each image."""
-    opts = PanAndScan() if pan_and_scan is True else pan_and_scan or None
+    opts = _pan_and_scan_options(pan_and_scan)
     out, crops = [], []
     for src in images or []:
         img = open_image(src)
@@ -120,7 +124,7 @@ def preprocess_all(images, size: int, pan_and_scan: bool | PanAndScan = False) -
 
 def crop_counts(images, pan_and_scan: bool | PanAndScan = False) -> list[int]:
     """The number of pan-and-scan crops each image gets (reads only the images' sizes)."""
-    opts = PanAndScan() if pan_and_scan is True else pan_and_scan or None
+    opts = _pan_and_scan_options(pan_and_scan)
     return [len(pan_and_scan_boxes(*open_image(src).size, opts)) if opts else 0 for src in images or []]
 
 

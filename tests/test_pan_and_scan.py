@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mlx_gemma_qat import stream_generate
 from mlx_gemma_qat.cli import main
-from mlx_gemma_qat.generate import ContextLengthError, encode_prompt, generate_step
+from mlx_gemma_qat.generate import ContextLengthError, encode_prompt, generate_step, image_token_ids
 from mlx_gemma_qat.image import PanAndScan, pan_and_scan_boxes, preprocess_all
 
 FIX = Path(__file__).parent / "fixtures"
@@ -54,9 +54,8 @@ def test_pixels_of_images_and_crops_match_transformers(ref):
 
 def test_prompt_logits_and_greedy_match_transformers(vlm, ref):
     _, model, tok = vlm
-    m = model.mcfg
     ids = encode_prompt(tok, PROMPT, chat=False, n_images=2, crops=[3, 0],
-                        image_ids=(m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image))
+                        image_ids=image_token_ids(model))
     assert ids == ref["ids"].tolist()
     pixels, _ = preprocess_all([IMAGES / "wide.png", IMAGES / "a.png"], 112, pan_and_scan=True)
     h, groups = model.embed_prompt(ids, mx.array(pixels))

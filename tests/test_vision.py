@@ -127,7 +127,7 @@ def test_quantized_text_keeps_vision_float(tmp_path):
 
 
 def test_multi_turn_chat_with_images_in_several_turns(vlm):
-    from mlx_gemma_qat.generate import encode_prompt
+    from mlx_gemma_qat.generate import encode_prompt, image_token_ids
 
     _, model, tok = vlm
     messages = [
@@ -136,8 +136,7 @@ def test_multi_turn_chat_with_images_in_several_turns(vlm):
         {"role": "user", "content": [{"type": "text", "text": "And"}, {"type": "image", "image": IMAGES / "b.jpg"}]},
     ]
     m = model.mcfg
-    ids = encode_prompt(tok, messages, n_images=2,
-                        image_ids=(m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image))
+    ids = encode_prompt(tok, messages, n_images=2, image_ids=image_token_ids(model))
     assert ids.count(m.image_token_index) == 32 and ids.count(m.boi_token_index) == 2
     text = tok.decode([t for t in ids if t != m.image_token_index])
     assert text.startswith("<bos><start_of_turn>user\n\n\n<start_of_image><end_of_image>\n\nA?<end_of_turn>")
