@@ -9,6 +9,7 @@ biases are held in float32 so that every dequantized weight equals the GGML valu
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from pathlib import Path
 
@@ -56,6 +57,21 @@ def load_weights(path: Path) -> dict[str, mx.array]:
     for f in files:
         weights.update(mx.load(f))
     return weights
+
+
+def model_identity(path: str | Path) -> str:
+    """A short fingerprint of an MLX folder: its config.json and, for every weight file, its size and first
+    and last MiB. Prompt-cache files and adapters record it, to refuse being used with another model."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}|{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
 
 
 def _quantize_as_config(model: nn.Module, config: dict, weights: dict):
@@ -109,6 +125,8 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
 
     model.update(tree_map_with_path(cast, model.parameters()))
     text.model.compute_dtype = dtype
+    model.path = path
+    model.identity = model_identity(path)
     if text is not model:
         model.vision_dtype = dtype  # the compute dtype (float16, refused above, would overflow SigLIP too)
     model.eval()
