@@ -10,13 +10,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path_or_repo=None, *, mmproj=None, dtype=None, lazy: bool = False):
+def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool = False):
     """Return ``(model, tokenizer)`` like ``mlx_lm.load``.
 
     ``path_or_repo``: an MLX folder, a GGUF file, a Hugging Face folder or repo id; None for the
     embedded Gemma 3 270M. Non-MLX sources are converted once into a cache folder.
     ``mmproj``: with a text GGUF, llama.cpp's vision GGUF, for a model that reads images.
     ``dtype``: compute dtype, by default float32 on the CPU and bfloat16 on a GPU.
+    ``widen``: hold float16/bfloat16 weights (and quantization scales) as float32 copies: exact, faster on
+    the CPU, more memory. Default: on when computing in float32 (the CPU); off keeps the stored precision.
     """
     from mlx_lm.utils import load_tokenizer
 
@@ -24,7 +26,7 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, lazy: bool = False):
     from .models_cache import resolve_model
 
     folder = resolve_model(path_or_repo, mmproj=mmproj)
-    model = load_model(folder, dtype=dtype, lazy=lazy)
+    model = load_model(folder, dtype=dtype, lazy=lazy, widen=widen)
     eos = read_config(folder).get("eos_token_id")
     tokenizer = load_tokenizer(folder, eos_token_ids=eos if isinstance(eos, list) else None)
     return model, tokenizer

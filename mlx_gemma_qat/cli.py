@@ -167,12 +167,15 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
 @main.command()
 @click.argument("path")
 @click.option("--context", type=int, default=8192, show_default=True, help="Context length for the KV cache estimate.")
+@click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Show the KV cache at these bits (default: 8 and 4 beside float32 and bfloat16).")
+@click.option("--kv-group-size", type=int, default=64, show_default=True, help="Group size of the quantized KV cache.")
 @_clean_errors
-def inspect(path, context):
-    """Show architecture, per-tensor precision, size and memory of a GGUF file or MLX folder."""
+def inspect(path, context, kv_bits, kv_group_size):
+    """Show architecture, per-tensor precision, size on disk and memory once loaded of a GGUF file or MLX folder."""
     from .inspect import format_report, inspect_path
 
-    click.echo(format_report(inspect_path(path), context))
+    click.echo(format_report(inspect_path(path), context, int(kv_bits) if kv_bits else None, kv_group_size))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ class Group:
     tensors: int = 0
     params: int = 0
     bytes: int = 0
+    loaded: dict = field(default_factory=lambda: {c: 0 for c in LOADS})  # bytes once loaded, per LOADS
 
     @property
     def bits_per_weight(self) -> float:
@@ -38,15 +39,39 @@ class Report:
     config: TextConfig
     groups: list[Group] = field(default_factory=list)
     file_bytes: int = 0
-    weight_memory: int = 0  # bytes once loaded for compute (see model.load)
+    weight_memory: int = 0  # bytes once loaded with the CPU defaults (float32 compute, widened)
+    weight_memory_stored: int = 0  # bytes once loaded at the stored precision (bfloat16 compute, the GPU default)
     notes: list[str] = field(default_factory=list)
 
     @property
     def params(self) -> int:
         return sum(g.params for g in self.groups)
 
-    def kv_cache_bytes(self, context: int, bytes_per_element: int = 4) -> int:
-        return self.config.kv_cache_bytes(context, bytes_per_element)
+    def kv_cache_bytes(self, context: int, bytes_per_element: int = 4, kv_bits: int | None = None,
+                       kv_group_size: int = 64) -> int:
+        return self.config.kv_cache_bytes(context, bytes_per_element, kv_bits, kv_group_size)
+
+
+# The two ways a model is held once loaded (model/load.py): the CPU default computes in float32 and widens
+# float16/bfloat16 tensors and scales to float32 (exact, faster there); the GPU default (and the CPU with
+# --no-widen) computes in bfloat16 and keeps every text tensor as stored. The vision tower runs in the compute
+# dtype. A quantized embedding that is also the head holds float32 scales whenever the matmul would widen them.
+LOADS = {"cpu": ("F32", True), "stored": ("BF16", False)}  # name: (compute dtype, widen)
+
+
+def _loaded_bytes(params: int, *, bits: int | None = None, group_size: int = 32, scales: str = "F32",
+                  dense: str = "F32", vision: bool = False, head: bool = False) -> dict:
+    """Bytes held once loaded, per LOADS; ``scales``/``dense``: the stored dtype (safetensors' names)."""
+    out = {}
+    for name, (compute, widen) in LOADS.items():
+        if vision:
+            out[name] = params * _ITEM[compute]
+        elif bits is not None:
+            wide = widen and scales != "F32" or head and scales not in ("F32", compute)
+            out[name] = params * bits // 8 + params // group_size * 2 * (4 if wide else _ITEM[scales])
+        else:
+            out[name] = params * (4 if widen else _ITEM[dense])
+    return out
 
 
 def _group_name(name: str) -> str:
@@ -54,13 +79,15 @@ def _group_name(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def _add(groups: dict, key: tuple[str, str], params: int, nbytes: int):
+def _add(groups: dict, key: tuple[str, str], params: int, nbytes: int, loaded: dict):
     g = groups.get(key)
     if g is None:
         g = groups[key] = Group(key[0], key[1])
     g.tensors += 1
     g.params += params
     g.bytes += nbytes
+    for k, v in loaded.items():
+        g.loaded[k] += v
 
 
 def inspect_gguf(path: Path) -> Report:
@@ -69,24 +96,29 @@ def inspect_gguf(path: Path) -> Report:
     reader = open_gguf(path)
     cfg = config_from_gguf(reader)
     groups: dict = {}
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
     for t in reader.tensors:
-        _add(groups, (_group_name(t.name), t.tensor_type.name), int(t.n_elements), int(t.n_bytes))
+        kind, n = t.tensor_type.name, int(t.n_elements)
+        head = tied and t.name == "token_embd.weight" or t.name == "output.weight"
+        if kind in _BITS:  # the converter's MLX form (convert/grids.py): simple types keep f16 scales
+            loaded = _loaded_bytes(n, bits=_BITS[kind], scales="F16" if kind in _F16_SCALES else "F32", head=head)
+        else:
+            loaded = _loaded_bytes(n, dense=kind if kind in ("F16", "BF16") else "F32")
+        _add(groups, (_group_name(t.name), kind), n, int(t.n_bytes), loaded)
     rep = Report(str(path), "gguf", cfg, list(groups.values()), path.stat().st_size)
-    # the converted model holds scales and biases in float32: 64 bits per group of 32
-    rep.weight_memory = sum(_converted_bytes(g) for g in rep.groups)
-    rep.notes.append("memory = after conversion to MLX (K/simple quants: packed bits + f32 scale and bias per 32)")
+    _total_memory(rep)
+    rep.notes.append("memory = after conversion to MLX (packed bits + a scale and bias per 32: f16 for the simple "
+                     "types, f32 for K-quants and the Q6_K/Q2_K/Q3_K 8-bit grids)")
     return rep
 
 
 _BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5, "Q6_K": 8, "Q3_K": 8, "Q2_K": 8}
+_F16_SCALES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
-def _converted_bytes(g: Group) -> int:
-    if g.kind in _BITS:
-        return g.params * _BITS[g.kind] // 8 + g.params // 32 * 8
-    if g.kind in ("F16", "BF16", "F32"):
-        return g.params * 4  # float32 compute on the CPU
-    return g.bytes
+def _total_memory(rep: Report) -> None:
+    rep.weight_memory = sum(g.loaded["cpu"] for g in rep.groups)
+    rep.weight_memory_stored = sum(g.loaded["stored"] for g in rep.groups)
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -110,7 +142,7 @@ def inspect_mlx(path: Path) -> Report:
         file_bytes += f.stat().st_size
         tensors.update(_safetensors_header(f))
     groups: dict = {}
-    memory = 0
+    tied = cfg.tie_word_embeddings
     for name, info in tensors.items():
         if name.endswith((".scales", ".biases")):
             continue
@@ -123,13 +155,16 @@ def inspect_mlx(path: Path) -> Report:
             params = nbytes * 8 // bits
             extra = _nbytes(scales) + _nbytes(tensors.get(f"{base}.biases", {"shape": [0], "dtype": "F32"}))
             kind = f"{bits}-bit g{gs} ({scales['dtype'].lower()} scales)"
-            _add(groups, (_group_name(name), kind), params, nbytes + extra)
-            memory += nbytes + params // gs * 8
+            head = tied and base.endswith("embed_tokens") or base.endswith("lm_head")
+            loaded = _loaded_bytes(params, bits=bits, group_size=gs, scales=scales["dtype"], head=head)
+            _add(groups, (_group_name(name), kind), params, nbytes + extra, loaded)
         else:
             params = _numel(info)
-            _add(groups, (_group_name(name), info["dtype"].lower()), params, nbytes)
-            memory += params * 4
-    rep = Report(str(path), "mlx", cfg, list(groups.values()), file_bytes, memory)
+            vision = name.startswith(("vision_tower.", "multi_modal_projector."))
+            loaded = _loaded_bytes(params, dense=info["dtype"], vision=vision)
+            _add(groups, (_group_name(name), info["dtype"].lower()), params, nbytes, loaded)
+    rep = Report(str(path), "mlx", cfg, list(groups.values()), file_bytes)
+    _total_memory(rep)
     v = config.get("vision_config")
     if isinstance(v, dict):
         vis = {n: i for n, i in tensors.items() if n.startswith(("vision_tower.", "multi_modal_projector."))}
@@ -151,7 +186,6 @@ def inspect_mlx(path: Path) -> Report:
             rep.notes.append(f"not bit-exact ({len(inexact)} tensors, re-gridded): " + ", ".join(kinds))
         else:
             rep.notes.append("every tensor is bit-exact to its source")
-    rep.notes.append("memory = as loaded on the CPU (float32 compute, float32 scales and biases)")
     return rep
 
 
@@ -177,10 +211,11 @@ def inspect_path(path: str | Path) -> Report:
     raise ValueError(f"{path}: not a GGUF file or an MLX model folder")
 
 
-def format_report(rep: Report, context: int) -> str:
+def format_report(rep: Report, context: int, kv_bits: int | None = None, kv_group_size: int = 64) -> str:
     c = rep.config
     context = min(context, c.max_position_embeddings)
     n_sliding = sum(c.is_sliding(i) for i in range(c.num_hidden_layers))
+    mib = 2**20
     lines = [
         f"{rep.path}  [{rep.fmt}]",
         f"architecture: Gemma 3 text, {c.num_hidden_layers} layers ({n_sliding} sliding window {c.sliding_window}, "
@@ -190,21 +225,31 @@ def format_report(rep: Report, context: int) -> str:
         + (f", global scaling {c.rope_scaling}" if c.rope_scaling else ""),
         f"parameters: {rep.params:,}",
         "",
-        f"{'tensor group':40s} {'type':28s} {'tensors':>7s} {'params':>13s} {'MiB':>9s} {'bpw':>6s}",
+        f"{'':40s} {'':28s} {'':7s} {'':13s} {'on disk':>16s} {'loaded MiB':>19s}",
+        f"{'tensor group':40s} {'type':28s} {'tensors':>7s} {'params':>13s} {'MiB':>9s} {'bpw':>6s} "
+        f"{'CPU f32':>9s} {'stored':>9s}",
     ]
+
+    def row(name, kind, tensors, params, nbytes, loaded):
+        return (f"{name:40s} {kind:28s} {tensors:>7} {params:13,d} {nbytes / mib:9.2f} "
+                f"{8 * nbytes / max(params, 1):6.2f} {loaded['cpu'] / mib:9.2f} {loaded['stored'] / mib:9.2f}")
+
     for g in sorted(rep.groups, key=lambda g: (-g.bytes, g.name)):
-        lines.append(
-            f"{g.name:40s} {g.kind:28s} {g.tensors:7d} {g.params:13,d} {g.bytes / 2**20:9.2f} {g.bits_per_weight:6.2f}"
-        )
+        lines.append(row(g.name, g.kind, g.tensors, g.params, g.bytes, g.loaded))
     total_bytes = sum(g.bytes for g in rep.groups)
+    totals = {"cpu": rep.weight_memory, "stored": rep.weight_memory_stored}
+    kv = [f"{rep.kv_cache_bytes(context) / mib:.1f} MiB float32", f"{rep.kv_cache_bytes(context, 2) / mib:.1f} MiB bfloat16"]
+    for bits in [kv_bits] if kv_bits else [8, 4]:
+        kv.append(f"{rep.kv_cache_bytes(context, 2, bits, kv_group_size) / mib:.1f} MiB {bits}-bit g{kv_group_size} "
+                  f"(bfloat16 scales; {rep.kv_cache_bytes(context, 4, bits, kv_group_size) / mib:.1f} MiB with float32)")
     lines += [
-        f"{'total':40s} {'':28s} {'':7s} {rep.params:13,d} {total_bytes / 2**20:9.2f} "
-        f"{8 * total_bytes / max(rep.params, 1):6.2f}",
+        row("total", "", "", rep.params, total_bytes, totals),
         "",
-        f"size on disk: {rep.file_bytes / 2**20:.1f} MiB",
-        f"memory for weights: {rep.weight_memory / 2**20:.1f} MiB",
-        f"KV cache at context {context}: {rep.kv_cache_bytes(context) / 2**20:.1f} MiB float32, "
-        f"{rep.kv_cache_bytes(context, 2) / 2**20:.1f} MiB bfloat16",
+        f"size on disk: {rep.file_bytes / mib:.1f} MiB",
+        f"memory for weights: {rep.weight_memory_stored / mib:.1f} MiB at the stored precision (the GPU default: "
+        f"bfloat16 compute; on the CPU with --no-widen), {rep.weight_memory / mib:.1f} MiB with the CPU defaults "
+        "(float32 compute, float16/bfloat16 tensors and scales widened to float32 for speed)",
+        f"KV cache at context {context}: " + ", ".join(kv),
     ]
     lines += [f"note: {n}" for n in rep.notes]
     return "\n".join(lines)

@@ -158,12 +158,17 @@ class TextConfig:
         return d
 
     # ---- memory arithmetic ---------------------------------------------------------------------
-    def kv_cache_bytes(self, context: int, bytes_per_element: int = 4) -> int:
-        """Theoretical KV cache size: window x sliding layers + context x global layers."""
-        per_token = 2 * self.num_key_value_heads * self.head_dim * bytes_per_element
+    def kv_cache_bytes(self, context: int, bytes_per_element: int = 4, kv_bits: int | None = None,
+                       kv_group_size: int = 64) -> int:
+        """Theoretical KV cache size: window x sliding layers + context x global layers.
+
+        ``bytes_per_element``: the cache dtype's size; with ``kv_bits``, each element takes ``kv_bits`` / 8
+        bytes plus a scale and a bias (in the cache dtype) per ``kv_group_size`` elements."""
+        per_element = (kv_bits / 8 + 2 * bytes_per_element / kv_group_size) if kv_bits else bytes_per_element
+        per_token = 2 * self.num_key_value_heads * self.head_dim * per_element
         n_sliding = sum(self.is_sliding(i) for i in range(self.num_hidden_layers))
         n_global = self.num_hidden_layers - n_sliding
-        return per_token * (n_sliding * min(context, self.sliding_window) + n_global * context)
+        return int(round(per_token * (n_sliding * min(context, self.sliding_window) + n_global * context)))
 
 
 def default_layer_types(n_layers: int, pattern: int) -> list[str]:

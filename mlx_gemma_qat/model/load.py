@@ -1,9 +1,10 @@
 """Load an MLX Gemma 3 folder: build the model, quantize the layers the config says, load weights.
 
 The compute dtype follows the device: float32 on the CPU (MLX's CPU kernels are far slower in bf16 and
-never safe in fp16), bfloat16 on a GPU. Quantized layers keep their packed weights; their scales and
-biases are held in float32 so that every dequantized weight equals the GGML value bit for bit
-(Q4_K/Q5_K scales need 17 significant bits; MLX's CPU dequantize computes in the scale dtype).
+never safe in fp16), bfloat16 on a GPU. Text weights are held as the folder stores them: packed integers
+with their scales and biases in the stored dtype (float16 for the simple GGML types, float32 for K-quants),
+dense tensors in theirs; the layers in model/quantized.py compute with them exactly. On the CPU, float16 and
+bfloat16 tensors are widened to float32 by default (exact, faster there; ``widen=False`` keeps them narrow).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_map_with_path, tree_unflatten
 
 from .config import TextConfig
 from .multimodal import Model as MultimodalModel
+from .quantized import Embedding, Linear, QuantizedEmbedding, quantized_like
 from .multimodal import MultimodalConfig, is_multimodal
 from .text import Model
 
@@ -74,28 +76,49 @@ def model_identity(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _quantize_as_config(model: nn.Module, config: dict, weights: dict):
-    quant = config.get("quantization")
-    if not quant:
-        return
+def _exact_layers(text: nn.Module, prefix: str, config: dict, weights: dict) -> None:
+    """Swap the text model's nn.Linear / nn.Embedding for layers that keep the stored precision (see
+    model/quantized.py): quantized where the config (or a ``.scales`` tensor) says so, dense otherwise."""
+    quant = config.get("quantization") or {}
+    swaps = []
+    for path, m in text.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            continue
+        full = prefix + path
+        q = quant.get(full)
+        if q is None and f"{full}.scales" in weights:
+            q = quant
+        if isinstance(q, dict) and q:
+            if q.get("mode", "affine") != "affine":
+                raise ModelLoadError(f"{full}: quantization mode {q.get('mode')!r} is not supported (affine only)")
+            swaps.append((path, quantized_like(m, q["group_size"], q["bits"])))
+        elif isinstance(m, nn.Embedding):
+            swaps.append((path, Embedding(*m.weight.shape)))
+        else:
+            swaps.append((path, Linear(m.weight.shape[1], m.weight.shape[0], bias="bias" in m)))
+    text.update_modules(tree_unflatten(swaps))
 
-    def predicate(path, module):
-        if path in quant:
-            return quant[path]
-        if not hasattr(module, "to_quantized"):
-            return False
-        return f"{path}.scales" in weights
 
-    nn.quantize(
-        model,
-        group_size=quant["group_size"],
-        bits=quant["bits"],
-        mode=quant.get("mode", "affine"),
-        class_predicate=predicate,
-    )
+def _widen_tied_head_scales(text: nn.Module, dtype: mx.Dtype) -> None:
+    """A quantized embedding that is also the output head, with scales narrower than the matmul's type:
+    MLX would widen its scales and biases for every token (a transient of 8 bytes per 32 weights over the
+    whole vocabulary); they are widened once here instead, half that size, held (shown by inspect)."""
+    emb = text.model.embed_tokens
+    if text.cfg.tie_word_embeddings and isinstance(emb, QuantizedEmbedding) and emb.scales.dtype not in (
+            mx.float32, dtype):
+        emb.scales, emb.biases = emb.scales.astype(mx.float32), emb.biases.astype(mx.float32)
 
 
-def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False):
+def resolve_widen(widen: bool | None, dtype: mx.Dtype) -> bool:
+    """Keep float32 copies of float16/bfloat16 text tensors? Default: when computing in float32 (the CPU)."""
+    return dtype == mx.float32 if widen is None else bool(widen)
+
+
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False,
+               widen: bool | None = None):
+    """Build the model of an MLX folder. ``dtype``: compute dtype (default by device). Text weights stay in
+    the dtype the folder stores them in (quantized scales too); ``widen`` (default: when computing in
+    float32, i.e. on the CPU) keeps float32 copies of float16/bfloat16 tensors instead, for speed (exact)."""
     path = Path(path)
     config = read_config(path)
     dtype = parse_dtype(dtype)
@@ -110,20 +133,25 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     if text.cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
         weights.pop("language_model.lm_head.weight", None)
-    _quantize_as_config(model, config, weights)
+    _exact_layers(text, "language_model." if text is not model else "", config, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise ModelLoadError(f"{path}: weights do not match the config: {e}") from None
 
+    wide = resolve_widen(widen, dtype)
+    narrow = (mx.float16, mx.bfloat16)
+
     def cast(name, a):
+        if name.startswith(("vision_tower.", "multi_modal_projector.")):
+            return a.astype(dtype)  # the vision tower runs in the compute dtype
         if a.dtype == mx.uint32:
             return a  # packed quantized weights
-        if name.endswith((".scales", ".biases")):
-            return a.astype(mx.float32)
-        return a.astype(dtype)
+        return a.astype(mx.float32) if wide and a.dtype in narrow else a  # stored precision, or widened
 
     model.update(tree_map_with_path(cast, model.parameters()))
+    model.widened = wide
+    _widen_tied_head_scales(text, dtype)
     text.model.compute_dtype = dtype
     model.path = path
     model.identity = model_identity(path)

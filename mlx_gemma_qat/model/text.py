@@ -27,7 +27,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        # 1 + w in float32 (the weight stays as stored), then in the activations' dtype, as transformers
+        return mx.fast.rms_norm(x, (1.0 + self.weight.astype(mx.float32)).astype(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
