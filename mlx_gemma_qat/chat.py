@@ -15,24 +15,32 @@ import numpy as np
 
 from .generate import GenerationResponse, encode_prompt, image_token_ids, stream_generate
 from .image import PanAndScan, crop_counts
+from .model.cache import check_kv_quantization
 from .model.multimodal import image_groups
 
 
 class ChatSession:
-    """A conversation with ``model``. ``send`` streams the reply to one user message."""
+    """A conversation with ``model``. ``send`` streams the reply to one user message. ``kv_bits`` (8 or 4; 2, 3,
+    5, 6 also run) keeps the carried-over KV cache quantized, in groups of ``kv_group_size`` along head_dim."""
 
-    def __init__(self, model, tokenizer, *, system: str | None = None, pan_and_scan: bool | PanAndScan = False):
+    def __init__(self, model, tokenizer, *, system: str | None = None, pan_and_scan: bool | PanAndScan = False,
+                 kv_bits: int | None = None, kv_group_size: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.pan_and_scan = pan_and_scan
+        check_kv_quantization(kv_bits, kv_group_size, model.cfg.head_dim)
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.reset()
+
+    def _new_cache(self) -> list:
+        return self.model.make_cache(self.kv_bits, self.kv_group_size)
 
     def reset(self) -> None:
         """Forget the conversation and empty the cache."""
         self.messages: list[dict] = []
         self.images: list = []  # every image of the conversation, in order
         self.crops: list[int] = []  # pan-and-scan crops of each
-        self.cache = self.model.make_cache()
+        self.cache = self._new_cache()
         self.cached_ids: list[int] = []  # the tokens the cache holds
         self.reused_tokens = 0  # of the last turn's prompt, how many came from the cache
 
@@ -49,7 +57,7 @@ class ChatSession:
                             n_images=len(self.images) + len(images), image_ids=image_token_ids(self.model), crops=crops)
         n = len(self.cached_ids)
         if ids[:n] != self.cached_ids or n == len(ids):
-            self.cache, self.cached_ids, n = self.model.make_cache(), [], 0
+            self.cache, self.cached_ids, n = self._new_cache(), [], 0
         new_images = self._last_images(ids[n:], self.images + images, crops)
         tokens, reply = [], ""
         try:

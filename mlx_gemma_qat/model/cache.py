@@ -5,28 +5,91 @@ from positions (query i sees key j iff j <= i, and i - j < window on sliding lay
 assumptions about the order of the buffer. That keeps chunked prefill, single-token decode and a
 wrapped ring buffer equally correct.
 
+Quantized (``bits`` = 2, 3, 4, 5, 6 or 8): both kinds can hold keys and values as MLX affine groups of
+``group_size`` elements along head_dim, each tensor a ``(packed, scales, biases)`` triple with scales and
+biases in the key dtype (the compute dtype). New keys and values are quantized as they enter, before
+attention, so chunked prefill, single-token decode and a resumed prompt cache all attend to identically
+quantized keys; ``update_and_fetch`` then hands back triples and attention uses quantized matmuls. One code
+path serves both forms: stored k/v are an array or a tuple of arrays, handled leaf by leaf (``tree_map``).
+Unlike mlx-lm (whose rotating cache cannot be quantized), the sliding layers keep their window bound.
+
 Memory: a sliding layer never holds more than ``window`` keys and values; a global layer holds the
-context rounded up to ``step`` tokens. ``cache_nbytes`` reports what is allocated, not an estimate.
+context rounded up to ``step`` tokens. ``cache_nbytes`` reports what is allocated (packed words, scales
+and biases included), not an estimate.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+
+KV_BITS = (2, 3, 4, 5, 6, 8)  # MLX's affine widths (1-bit is refused: it keeps nothing of a key)
+KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize / quantized_matmul accept
+
+
+def check_kv_quantization(bits: int | None, group_size: int, head_dim: int | None = None) -> None:
+    """Raise ValueError unless ``bits``/``group_size`` are a KV quantization MLX can run on ``head_dim``."""
+    if bits is None:
+        return
+    if isinstance(bits, bool) or bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (or None for a float cache), "
+                         f"not {bits!r}")
+    if group_size not in KV_GROUP_SIZES:
+        raise ValueError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, not {group_size!r}")
+    if head_dim is not None and head_dim % group_size:
+        raise ValueError(f"kv_group_size {group_size} does not divide the model's head_dim {head_dim} "
+                         f"(keys are quantized along head_dim)")
+
+
+def _length(x) -> int:
+    """Tokens in a stored k or v (an array, or the packed array of a quantized triple)."""
+    return (x[0] if isinstance(x, tuple) else x).shape[2]
+
+
+def _cat(a, b):
+    return tree_map(lambda x, y: mx.concatenate([x, y], axis=2), a, b)
 
 
 class _Cache:
-    keys: mx.array | None
-    values: mx.array | None
+    keys = None  # mx.array, or (packed, scales, biases) when quantized; None before the first token
+    values = None
+    bits: int | None = None
+    group_size: int = 64
+
+    def _init_quant(self, bits: int | None, group_size: int) -> None:
+        check_kv_quantization(bits, group_size)
+        self.bits, self.group_size = bits, group_size
 
     @property
-    def state(self):
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def _quantize(self, x: mx.array):
+        if self.bits is None:
+            return x
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    @property
+    def state(self) -> list:
+        """Every array the cache holds (for mx.eval)."""
         if self.keys is None:
             return []
-        return [self.keys, self.values]
+        return [a for _, a in tree_flatten([self.keys, self.values])]
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return sum(a.nbytes for a in self.state)
+
+    def _size(self) -> int:
+        return 0 if self.keys is None else _length(self.keys)
+
+    def copy(self):
+        """An independent cache with the same contents (arrays are shared until one side writes)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        if self.keys is not None:
+            new.keys, new.values = tree_map(mx.array, self.keys), tree_map(mx.array, self.values)
+        return new
 
 
 class KVCache(_Cache):
@@ -34,7 +97,8 @@ class KVCache(_Cache):
 
     step = 256
 
-    def __init__(self):
+    def __init__(self, bits: int | None = None, group_size: int = 64):
+        self._init_quant(bits, group_size)
         self.keys = None
         self.values = None
         self.offset = 0  # number of tokens seen
@@ -43,21 +107,49 @@ class KVCache(_Cache):
         """Absolute positions of the keys the next ``update_and_fetch`` of ``length`` tokens returns."""
         return mx.arange(self.offset + length)
 
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, L, D = k.shape
-        end = self.offset + L
-        if self.keys is None or end > self.keys.shape[2]:
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        self._append(self._quantize(k), self._quantize(v))
+        return self.fetch()
+
+    def _append(self, k, v) -> None:
+        """Write stored-form keys and values (arrays or triples) after the ``offset`` tokens held."""
+        end = self.offset + _length(k)
+        if self.keys is None or end > self._size():
             cap = ((end + self.step - 1) // self.step) * self.step
-            nk = mx.zeros((B, H, cap, D), k.dtype)
-            nv = mx.zeros((B, H, cap, v.shape[3]), v.dtype)
-            if self.keys is not None:
-                nk[..., : self.offset, :] = self.keys[..., : self.offset, :]
-                nv[..., : self.offset, :] = self.values[..., : self.offset, :]
-            self.keys, self.values = nk, nv
-        self.keys[..., self.offset : end, :] = k
-        self.values[..., self.offset : end, :] = v
+            off = self.offset
+
+            def grow(new, old=None):
+                buf = mx.zeros(new.shape[:2] + (cap,) + new.shape[3:], new.dtype)
+                if old is not None and off:
+                    buf[..., :off, :] = old[..., :off, :]
+                return buf
+
+            if self.keys is None:
+                self.keys, self.values = tree_map(grow, k), tree_map(grow, v)
+            else:
+                self.keys, self.values = tree_map(grow, k, self.keys), tree_map(grow, v, self.values)
+
+        def put(buf, new):
+            buf[..., self.offset : end, :] = new
+
+        tree_map(put, self.keys, k)
+        tree_map(put, self.values, v)
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def fetch(self):
+        """The keys and values of every token seen, in order (views)."""
+        end = self.offset
+        return tree_map(lambda x: x[..., :end, :], self.keys), tree_map(lambda x: x[..., :end, :], self.values)
+
+    def restore(self, keys, values, offset: int) -> None:
+        """Hold ``keys``/``values`` (every token seen, in order; arrays or triples) after ``offset`` tokens."""
+        n = 0 if keys is None else _length(keys)
+        if n != offset:
+            raise ValueError(f"a global-layer cache after {offset} tokens holds {offset} keys, not {n}")
+        self.keys = self.values = None
+        self.offset = 0
+        if offset:
+            self._append(keys, values)
 
 
 class RotatingKVCache(_Cache):
@@ -68,17 +160,15 @@ class RotatingKVCache(_Cache):
     against the ordered history plus itself, and then the newest ``window`` keys are kept.
     """
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, bits: int | None = None, group_size: int = 64):
         if window < 1:
             raise ValueError("window must be >= 1")
+        self._init_quant(bits, group_size)
         self.window = window
         self.keys = None
         self.values = None
         self.offset = 0  # number of tokens seen
         self._start = 0  # ring index of the oldest key once the buffer is full
-
-    def _size(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
 
     def _ring_step(self, length: int) -> bool:
         return length == 1 and self._size() == self.window
@@ -93,16 +183,36 @@ class RotatingKVCache(_Cache):
         if self._start == 0:
             return self.keys, self.values
         s = self._start
-        k = mx.concatenate([self.keys[..., s:, :], self.keys[..., :s, :]], axis=2)
-        v = mx.concatenate([self.values[..., s:, :], self.values[..., :s, :]], axis=2)
-        return k, v
 
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        L = k.shape[2]
+        def unroll(x):
+            return mx.concatenate([x[..., s:, :], x[..., :s, :]], axis=2)
+
+        return tree_map(unroll, self.keys), tree_map(unroll, self.values)
+
+    def fetch(self):
+        """The keys and values held (the last min(offset, window) tokens), oldest first."""
+        return self._ordered()
+
+    def restore(self, keys, values, offset: int) -> None:
+        """Hold ``keys``/``values`` (the last min(offset, window) tokens, oldest first) after ``offset`` tokens."""
+        n = 0 if keys is None else _length(keys)
+        if n != min(offset, self.window):
+            raise ValueError(f"a window-{self.window} cache after {offset} tokens holds {min(offset, self.window)} "
+                             f"keys, not {n}")
+        self.keys, self.values = (keys, values) if n else (None, None)
+        self.offset, self._start = offset, 0
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        k, v = self._quantize(k), self._quantize(v)
+        L = _length(k)
         if self._ring_step(L):
             s = self._start
-            self.keys[..., s : s + 1, :] = k
-            self.values[..., s : s + 1, :] = v
+
+            def put(buf, new):
+                buf[..., s : s + 1, :] = new
+
+            tree_map(put, self.keys, k)
+            tree_map(put, self.values, v)
             self._start = (s + 1) % self.window
             self.offset += 1
             return self.keys, self.values
@@ -110,25 +220,34 @@ class RotatingKVCache(_Cache):
             keys, values = k, v
         else:
             ok, ov = self._ordered()
-            keys = mx.concatenate([ok, k], axis=2)
-            values = mx.concatenate([ov, v], axis=2)
+            keys, values = _cat(ok, k), _cat(ov, v)
         self.offset += L
         self._start = 0
-        if keys.shape[2] > self.window:
+        if _length(keys) > self.window:
             # a copy, not a view: a view would keep the whole (history + chunk) buffer alive
-            self.keys = mx.contiguous(keys[..., -self.window :, :])
-            self.values = mx.contiguous(values[..., -self.window :, :])
+            w = self.window
+            self.keys = tree_map(lambda x: mx.contiguous(x[..., -w:, :]), keys)
+            self.values = tree_map(lambda x: mx.contiguous(x[..., -w:, :]), values)
         else:
             self.keys, self.values = keys, values
         return keys, values
 
 
-def make_cache(config) -> list:
+def make_cache(config, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
+    """One cache per layer: rotating (window) on sliding layers, growing on global ones; ``kv_bits`` quantizes
+    both kinds (groups of ``kv_group_size`` along head_dim)."""
+    check_kv_quantization(kv_bits, kv_group_size, config.head_dim)
     return [
-        RotatingKVCache(config.sliding_window) if config.is_sliding(i) else KVCache()
+        RotatingKVCache(config.sliding_window, kv_bits, kv_group_size) if config.is_sliding(i)
+        else KVCache(kv_bits, kv_group_size)
         for i in range(config.num_hidden_layers)
     ]
 
 
 def cache_nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
+
+
+def copy_cache(cache: list) -> list:
+    """Independent copies of a cache's layers (for reusing one prefix several times)."""
+    return [c.copy() for c in cache]

@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 from .cache import make_cache
 from .config import TextConfig
@@ -63,7 +64,11 @@ class Attention(nn.Module):
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(k, tuple):  # a quantized cache hands back (packed, scales, biases) triples
+            out = quantized_scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -185,5 +190,7 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self) -> list:
-        return make_cache(self.cfg)
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
+        """Fresh KV caches, one per layer; ``kv_bits`` (2-6 or 8) stores keys and values quantized in groups
+        of ``kv_group_size`` along head_dim, on sliding and global layers alike."""
+        return make_cache(self.cfg, kv_bits, kv_group_size)
