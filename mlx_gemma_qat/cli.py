@@ -1,4 +1,4 @@
-"""The ``mlx-gemma`` command line: convert, generate, chat, inspect."""
+"""The ``mlx-gemma`` command line: convert, generate, chat, cache-prompt, inspect."""
 
 from __future__ import annotations
 
@@ -76,10 +76,20 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
 @click.option("--prefill-step", type=int, default=256, show_default=True)
+@click.option("--kv-bits", type=click.IntRange(2, 8), default=None,
+              help="Store the KV cache quantized at 8 or 4 bits (2, 3, 5, 6 also run), on every layer "
+                   "(default: the compute dtype).")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Group size along head_dim of the quantized KV cache.")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
+              help="Resume from a file made by cache-prompt (same model and dtype; --kv-bits, if given, must match "
+                   "it). Raw: --prompt continues the cached text, or is the full prompt if it starts with it; chat: "
+                   "the cached text is the system part and --prompt the user message. Only the tokens after the "
+                   "cached prefix are prefilled.")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
 @_clean_errors
 def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
-             prefill_step, stats):
+             prefill_step, kv_bits, kv_group_size, prompt_cache, stats):
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import format_stats, stream_generate
@@ -90,7 +100,8 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 seed=seed, chat=chat, system=system, images=list(images) or None, pan_and_scan=pan_and_scan,
-                                prefill_step_size=prefill_step):
+                                prefill_step_size=prefill_step, kv_bits=kv_bits, kv_group_size=int(kv_group_size),
+                                prompt_cache=prompt_cache):
         click.echo(last.text, nl=False)
     click.echo()
     if stats and last is not None:
@@ -112,9 +123,15 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @click.option("--seed", type=int, default=None)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
+@click.option("--kv-bits", type=click.IntRange(2, 8), default=None,
+              help="Store the KV cache quantized at 8 or 4 bits (2, 3, 5, 6 also run), on every layer "
+                   "(default: the compute dtype).")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Group size along head_dim of the quantized KV cache.")
 @click.option("--stats", is_flag=True, help="Print prompt/decode speed and cache use after each reply.")
 @_clean_errors
-def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, stats):
+def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, kv_bits,
+         kv_group_size, stats):
     """Chat in the terminal; the KV cache carries over between turns.
 
     Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
@@ -124,7 +141,8 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     from .generate import format_stats
 
     m, tok = load(model, mmproj=mmproj, dtype=dtype)
-    session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan)
+    session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
+                          kv_group_size=int(kv_group_size))
     pending = list(images)
     if seed is not None:
         import mlx.core as mx
@@ -162,6 +180,37 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
         except ValueError as e:  # a bad image, a full context: the session goes on without that message
             click.echo(f"Error: {e}", err=True)
             pending = []
+
+
+@main.command("cache-prompt")
+@click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@click.option("--prompt", "-p", required=True, help="The prefix text to cache ('-' reads standard input).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Prompt-cache file to write (safetensors).")
+@click.option("--chat/--raw", default=None,
+              help="Cache the text as the system part of a chat's first user turn, or raw after BOS "
+                   "(default: chat when the model ships a template).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Compute dtype (default: float32 on CPU, bfloat16 on GPU); generate must use the same.")
+@click.option("--prefill-step", type=int, default=256, show_default=True)
+@click.option("--kv-bits", type=click.IntRange(2, 8), default=None,
+              help="Store the KV cache quantized at 8 or 4 bits (2, 3, 5, 6 also run), on every layer "
+                   "(default: the compute dtype).")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Group size along head_dim of the quantized KV cache.")
+@_clean_errors
+def cache_prompt(model, prompt, out, chat, dtype, prefill_step, kv_bits, kv_group_size):
+    """Prefill a prompt once and save its KV cache, for `generate --prompt-cache`."""
+    from . import load
+    from .prompt_cache import cache_prompt as run
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    m, tok = load(model, dtype=dtype)
+    pc = run(m, tok, prompt, out, chat=chat, kv_bits=kv_bits, kv_group_size=int(kv_group_size),
+             prefill_step_size=prefill_step)
+    kv = "float" if pc.kv_bits is None else f"{pc.kv_bits}-bit g{pc.kv_group_size}"
+    mode = "chat (system part)" if pc.chat else "raw"
+    click.echo(f"cached {len(pc.tokens)} tokens ({mode}, {pc.dtype}, {kv} KV cache) to {out}")
 
 
 @main.command()

@@ -17,7 +17,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
 from .image import crop_prompt, preprocess_all
-from .model.cache import cache_nbytes
+from .model.cache import cache_nbytes, check_kv_quantization
 
 
 class ContextLengthError(ValueError):
@@ -82,10 +82,12 @@ def generate_step(
     on_prefill_done: Callable[[], None] | None = None,
     embeddings: mx.array | None = None,
     groups: mx.array | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Iterator[tuple[int, mx.array]]:
-    """Yield (token, logprobs) pairs, one per decode step."""
+    """Yield (token, logprobs) pairs, one per decode step (``kv_bits``: quantize a cache made here)."""
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    cache = cache if cache is not None else model.make_cache()
+    cache = cache if cache is not None else model.make_cache(kv_bits, kv_group_size)
 
     def pick(logits):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -212,6 +214,9 @@ def stream_generate(
     stop_strings: list[str] | None = None,
     prefill_step_size: int = 256,
     cache: list | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    prompt_cache=None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``prompt`` is text (chat template applied if ``chat``), token ids, or a list of
     chat messages ({"role", "content"}; content a string or items {"type": "text", "text": ...} and
@@ -219,9 +224,37 @@ def stream_generate(
 
     ``images``: paths, URLs, PIL images or arrays, for a model with a vision tower. ``pan_and_scan``:
     also show the model crops of elongated images (True, or an ``image.PanAndScan`` with other settings).
+
+    ``kv_bits`` (4 or 8; 2, 3, 5, 6 also run) stores the KV cache quantized, in groups of ``kv_group_size``
+    along head_dim, on every layer (used when the cache is made here; a given ``cache`` keeps its own form).
+    ``prompt_cache``: a prompt-cache file (path) or a loaded ``prompt_cache.PromptCache``: generation resumes
+    after its cached prefix and ``prompt`` is read against it (see ``PromptCache.prompt_ids``: in raw mode a
+    continuation of the cached text, or a full prompt starting with it; in chat mode the user message after
+    the cached system text); only the tokens after the prefix are prefilled. A loaded PromptCache is never
+    changed, so it can be reused. With ``kv_bits`` given, the file must hold that quantization.
     """
     if seed is not None:
         mx.random.seed(seed)
+    if cache is None and prompt_cache is None:
+        check_kv_quantization(kv_bits, kv_group_size, model.cfg.head_dim)  # before any work
+    if prompt_cache is not None:
+        if cache is not None:
+            raise ValueError("give either cache= or prompt_cache=, not both")
+        if images or is_messages(prompt):
+            raise ValueError("a prompt cache takes a text prompt (or token ids), without images")
+        if system:
+            raise ValueError("a prompt cache fixes the start of the prompt: no system prompt can be added")
+        from .prompt_cache import ANY, PromptCache, load_prompt_cache
+
+        if not isinstance(prompt_cache, PromptCache):
+            prompt_cache = load_prompt_cache(prompt_cache, model, kv_bits=ANY if kv_bits is None else kv_bits,
+                                             kv_group_size=ANY if kv_bits is None else kv_group_size)
+        elif kv_bits is not None and (kv_bits, kv_group_size) != (prompt_cache.kv_bits, prompt_cache.kv_group_size):
+            raise ValueError(f"the prompt cache holds {prompt_cache.describe_kv()}, not kv_bits={kv_bits} "
+                             f"group {kv_group_size}")
+        ids = prompt_cache.prompt_ids(tokenizer, prompt, chat=chat)
+        cache = prompt_cache.make_cache()
+        prompt = ids[len(prompt_cache.tokens):]
     if is_messages(prompt):
         if images:
             raise ValueError("give a chat's images inside its messages, not as images=")
@@ -253,7 +286,7 @@ def stream_generate(
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()
-    cache = cache if cache is not None else model.make_cache()
+    cache = cache if cache is not None else model.make_cache(kv_bits, kv_group_size)
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
