@@ -22,6 +22,13 @@ def _clean_errors(fn):
     return wrapper
 
 
+def _widen_option(fn):
+    return click.option(
+        "--widen/--no-widen", default=None,
+        help="Hold float16 weights and scales as float32 copies: exact, faster on the CPU, more memory "
+             "(default: on with float32 compute, i.e. the CPU; --no-widen keeps the file's precision).")(fn)
+
+
 @click.group()
 @click.version_option(package_name="mlx-gemma-qat")
 def main():
@@ -87,16 +94,17 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
                    "the cached text is the system part and --prompt the user message. Only the tokens after the "
                    "cached prefix are prefilled.")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
+@_widen_option
 @_clean_errors
 def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
-             prefill_step, kv_bits, kv_group_size, prompt_cache, stats):
+             prefill_step, kv_bits, kv_group_size, prompt_cache, stats, widen):
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import format_stats, stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    m, tok = load(model, mmproj=mmproj, dtype=dtype)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 seed=seed, chat=chat, system=system, images=list(images) or None, pan_and_scan=pan_and_scan,
@@ -129,9 +137,10 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="Group size along head_dim of the quantized KV cache.")
 @click.option("--stats", is_flag=True, help="Print prompt/decode speed and cache use after each reply.")
+@_widen_option
 @_clean_errors
 def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, kv_bits,
-         kv_group_size, stats):
+         kv_group_size, stats, widen):
     """Chat in the terminal; the KV cache carries over between turns.
 
     Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
@@ -140,7 +149,7 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     from .chat import ChatSession
     from .generate import format_stats
 
-    m, tok = load(model, mmproj=mmproj, dtype=dtype)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size))
     pending = list(images)
