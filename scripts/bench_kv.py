@@ -103,7 +103,7 @@ def main():
     rows, base = perplexities(model, ids)
 
     out = []
-    out.append(f"# Quantized KV cache: real embedded Gemma 3 270M\n")
+    out.append("# Quantized KV cache: real embedded Gemma 3 270M\n")
     out.append(f"mlx {mx.__version__}, {platform.machine()} {platform.system()}, device {mx.default_device()}, "
                f"compute {model.model.compute_dtype}; `python scripts/bench_kv.py`\n")
     out.append(f"## Perplexity, first {len(ids)} tokens of {Path(args.text).name} (sliding window "

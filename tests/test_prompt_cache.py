@@ -17,7 +17,7 @@ from mlx_gemma_qat import load, stream_generate
 from mlx_gemma_qat.cli import main
 from mlx_gemma_qat.generate import ContextLengthError, prefill
 from mlx_gemma_qat.prompt_cache import (
-    PromptCache, PromptCacheError, cache_prompt, load_prompt_cache, save_prompt_cache)
+    PromptCacheError, cache_prompt, load_prompt_cache, save_prompt_cache)
 
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps "  # ~65 tokens: 4x the window (16)
 
