@@ -333,11 +333,12 @@ def test_reader_path_and_gguf_reader_agree(toy_gguf):
     assert tokenizer_from_gguf(gguf.GGUFReader(str(toy_gguf))).to_str() == tokenizer_from_gguf(toy_gguf).to_str()
 
 
-@pytest.mark.parametrize("model", ["gpt2", "bert", "t5", "rwkv"])
-def test_non_spm_tokenizer_model_raises(tmp_path, model):
+@pytest.mark.parametrize("model", ["bert", "t5", "rwkv", "gemma4", "none"])
+def test_unsupported_tokenizer_model_raises(tmp_path, model):
+    # 'gpt2' (BPE with merges) is converted too: tests/test_tokenizer_gpt2.py
     gguf = pytest.importorskip("gguf")
     path = _write_gguf(tmp_path / f"{model}.gguf", TOY, TOY_SCORES, TOY_TYPES, model=model)
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model.*only 'llama'"):
+    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model.*only 'llama'.*and 'gpt2'"):
         tokenizer_from_gguf(path)
     with pytest.raises(ValueError, match=model):
         tokenizer_from_gguf(gguf.GGUFReader(str(path)))

@@ -22,6 +22,22 @@ Everything around the BPE model follows Google's Gemma 3 ``tokenizer.json``:
 * decoder: ``"▁"`` -> ``" "``, byte fallback, fuse (no space stripping);
 * post processor: ``<bos>`` in front when the file says ``add_bos_token``.
 
+GGUFs of type ``gpt2`` (a BPE vocabulary with an explicit ``tokenizer.ggml.merges`` list) are what
+llama.cpp's ``convert_hf_to_gguf.py`` writes for a Gemma 3 folder without ``tokenizer.model`` (the
+way transformers 5 saves Gemma tokenizers). Its pre-tokenizer name comes from a hash of the
+tokenizer's output (Gemma 3's vocabulary gives ``"granite-embed-multi-311m"``, Gemma 4-style ones
+``"gemma4"``); llama.cpp tokenizes both the same way (``LLAMA_VOCAB_PRE_TYPE_GEMMA4``), and so does
+the tokenizer built here:
+
+* the merges are the file's, in its order (first occurrence of a pair wins, as in llama.cpp);
+* control/user-defined tokens are split off first, exactly as above;
+* spaces become ``"▁"``, the text is cut into runs of newlines and runs of everything else, BPE runs
+  on raw UTF-8 characters (no GPT-2 byte-to-unicode map), and pieces outside the vocabulary fall back
+  to the ``<0xNN>`` byte tokens;
+* ``<bos>`` is always added in front (llama.cpp forces ``add_bos`` for this pre-tokenizer).
+
+Other ``gpt2`` pre-tokenizers (GPT-2/Llama 3-style byte-level regexes) are refused with a clear error.
+
 The public entry points are :func:`tokenizer_from_gguf`, :func:`special_token_ids`,
 :func:`write_tokenizer_files`, :func:`eos_token_ids` and :data:`GEMMA3_CHAT_TEMPLATE`.
 """
@@ -40,9 +56,11 @@ import numpy as np
 
 __all__ = [
     "GEMMA3_CHAT_TEMPLATE",
+    "GEMMA_BPE_PRE_TOKENIZERS",
     "TokenizerMetadata",
     "read_tokenizer_metadata",
     "derive_merges",
+    "parse_merges",
     "tokenizer_from_gguf",
     "special_token_ids",
     "eos_token_ids",
@@ -65,6 +83,7 @@ _KEYS = (
     "tokenizer.ggml.tokens",
     "tokenizer.ggml.scores",
     "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
     "tokenizer.ggml.bos_token_id",
     "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.unknown_token_id",
@@ -98,6 +117,7 @@ class TokenizerMetadata:
     add_eos: bool | None = None
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    merges: list[str] | None = None  # tokenizer.ggml.merges ("left right"), BPE (gpt2) files only
 
     @classmethod
     def from_mapping(cls, kv: Mapping[str, Any]) -> "TokenizerMetadata":
@@ -139,7 +159,14 @@ class TokenizerMetadata:
             add_eos=opt_bool("tokenizer.ggml.add_eos_token"),
             add_space_prefix=opt_bool("tokenizer.ggml.add_space_prefix"),
             chat_template=opt_str("tokenizer.chat_template"),
+            merges=_opt_str_list(kv.get("tokenizer.ggml.merges")),
         )
+
+
+def _opt_str_list(v) -> list[str] | None:
+    if v is None:
+        return None
+    return [t.decode("utf-8", "replace") if isinstance(t, (bytes, bytearray)) else str(t) for t in v]
 
 
 # GGUF value types
@@ -225,6 +252,9 @@ def _read_kv_reader(reader) -> dict[str, Any]:
             # the array elements are numpy views of one element each; gather them without Python floats
             parts = [field.parts[i] for i in field.data]
             out[key] = np.concatenate(parts) if parts else np.zeros(0)
+        elif key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            parts = field.parts
+            out[key] = [bytes(parts[i]).decode("utf-8", "replace") for i in field.data]
         else:
             out[key] = field.contents()
     return out
@@ -352,42 +382,29 @@ def _template(bos: str | None, bos_id: int | None, eos: str | None = None, eos_i
     )
 
 
-def _build_tokenizer(meta: TokenizerMetadata):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+# llama.cpp's ``tokenizer.ggml.pre`` names that select LLAMA_VOCAB_PRE_TYPE_GEMMA4 (src/llama-vocab.cpp):
+# SentencePiece-style BPE with spaces escaped to "▁", a newline split and raw UTF-8 symbols.
+# convert_hf_to_gguf.py names the pre-tokenizer by hashing the tokenizer's ids for a check text:
+# Gemma 3's vocabulary hashes to the entry of a Gemma 3-based model, "granite-embed-multi-311m".
+GEMMA_BPE_PRE_TOKENIZERS = ("gemma4", "granite-embed-multi-311m")
 
-    if meta.model != "llama":
-        raise ValueError(
-            f"unsupported GGUF tokenizer model tokenizer.ggml.model={meta.model!r}: only 'llama' "
-            "(SentencePiece, as in Gemma 3 GGUFs) can be converted"
-        )
-    if meta.add_space_prefix:
-        raise ValueError(
-            "GGUF tokenizer has add_space_prefix=true (a SentencePiece dummy prefix); Gemma 3 has none "
-            "and this converter supports only that"
-        )
+
+def _check_vocab(meta: TokenizerMetadata) -> tuple[list[str], list[int]]:
     if not meta.tokens:
         raise ValueError("GGUF has no tokenizer.ggml.tokens")
-    types = meta.token_types.tolist()
     names = meta.tokens
     if len(set(names)) != len(names):
         raise ValueError("GGUF vocabulary has duplicate pieces")
-    merges = derive_merges(names, meta.scores)
+    return names, meta.token_types.tolist()
 
-    def name_of(i):
-        return names[i] if i is not None and 0 <= i < len(names) else None
 
-    unk = name_of(meta.unk_id)
-    model = models.BPE(
-        vocab={name: i for i, name in enumerate(names)},
-        merges=merges,
-        unk_token=unk,
-        fuse_unk=True,
-        byte_fallback=any(ty == TOKEN_BYTE for ty in types),
-    )
-    tok = Tokenizer(model)
-    tok.normalizer = normalizers.Replace(" ", SPM_SPACE)
-    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")  # a no-op, as in Google's file
-    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+def _name_of(names: list[str], i: int | None) -> str | None:
+    return names[i] if i is not None and 0 <= i < len(names) else None
+
+
+def _add_file_tokens(tok, names: list[str], types: list[int]) -> None:
+    """Control/unknown pieces as special added tokens, user-defined ones as plain added tokens."""
+    from tokenizers import AddedToken
 
     special, plain = [], []
     for name, ty in zip(names, types):
@@ -403,13 +420,122 @@ def _build_tokenizer(meta: TokenizerMetadata):
     if plain:
         tok.add_tokens(plain)
 
+
+def _spm_decoder():
+    from tokenizers import decoders
+
+    return decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+
+
+def _build_spm_tokenizer(meta: TokenizerMetadata):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    if meta.add_space_prefix:
+        raise ValueError(
+            "GGUF tokenizer has add_space_prefix=true (a SentencePiece dummy prefix); Gemma 3 has none "
+            "and this converter supports only that"
+        )
+    names, types = _check_vocab(meta)
+    merges = derive_merges(names, meta.scores)
+    unk = _name_of(names, meta.unk_id)
+    model = models.BPE(
+        vocab={name: i for i, name in enumerate(names)},
+        merges=merges,
+        unk_token=unk,
+        fuse_unk=True,
+        byte_fallback=any(ty == TOKEN_BYTE for ty in types),
+    )
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", SPM_SPACE)
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")  # a no-op, as in Google's file
+    tok.decoder = _spm_decoder()
+    _add_file_tokens(tok, names, types)
+
     add_bos = True if meta.add_bos is None else meta.add_bos
     post = _template(
-        name_of(meta.bos_id) if add_bos else None, meta.bos_id, name_of(meta.eos_id) if meta.add_eos else None, meta.eos_id
+        _name_of(names, meta.bos_id) if add_bos else None,
+        meta.bos_id,
+        _name_of(names, meta.eos_id) if meta.add_eos else None,
+        meta.eos_id,
     )
     if post is not None:
         tok.post_processor = post
     return tok
+
+
+def parse_merges(merges: list[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """``tokenizer.ggml.merges`` as ``(left, right)`` pairs, read as llama.cpp reads them.
+
+    Each entry is split at its first space after the first character; the first occurrence of a pair
+    keeps its rank. Pairs whose halves are not both pieces can never be formed from pieces and are
+    dropped (convert_hf_to_gguf.py writes the spaces inside Gemma's space-run pieces as "Ġ", giving
+    such entries; llama.cpp never matches them either, since it escapes spaces to "▁" first). A pair
+    of pieces whose join is not a piece is refused: llama.cpp would merge it and then spell the
+    result as bytes, which a ``tokenizers`` BPE model cannot express.
+    """
+    out: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in merges:
+        pos = word.find(" ", 1)
+        if pos < 0:
+            continue
+        pair = (word[:pos], word[pos + 1 :])
+        if pair in seen or pair[0] not in vocab or pair[1] not in vocab:
+            continue
+        if pair[0] + pair[1] not in vocab:
+            raise ValueError(f"GGUF merge {word!r} joins two pieces into {pair[0] + pair[1]!r}, which is not a piece")
+        seen.add(pair)
+        out.append(pair)
+    return out
+
+
+def _build_bpe_tokenizer(meta: TokenizerMetadata):
+    """llama.cpp's BPE tokenizer (``tokenizer.ggml.model = "gpt2"``) for the Gemma-style pre-tokenizers."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    if meta.pre not in GEMMA_BPE_PRE_TOKENIZERS:
+        raise ValueError(
+            f"unsupported pre-tokenizer tokenizer.ggml.pre={meta.pre!r} for a 'gpt2' (BPE) GGUF tokenizer: "
+            f"only {', '.join(repr(p) for p in GEMMA_BPE_PRE_TOKENIZERS)} (what llama.cpp's converter writes for "
+            "Gemma tokenizers) can be converted"
+        )
+    if not meta.merges:
+        raise ValueError("GGUF tokenizer of type 'gpt2' has no tokenizer.ggml.merges")
+    names, types = _check_vocab(meta)
+    vocab = {name: i for i, name in enumerate(names)}
+    merges = parse_merges(meta.merges, vocab)
+    model = models.BPE(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,  # llama.cpp drops bytes that have no <0xNN> piece; it never emits <unk> here
+        byte_fallback=any(f"<0x{b:02X}>" in vocab for b in range(256)),
+    )
+    tok = Tokenizer(model)
+    # llama.cpp: escape spaces as "▁", then its regex "[^\n]+|[\n]+" cuts the text into words.
+    # (llama.cpp also takes a whole-newline word as one piece when it is in the vocabulary; in Gemma
+    # vocabularies every newline run is a user-defined token, split off before this point.)
+    tok.normalizer = normalizers.Replace(" ", SPM_SPACE)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n+"), "isolated")
+    tok.decoder = _spm_decoder()
+    _add_file_tokens(tok, names, types)
+    # llama.cpp forces add_bos for this pre-tokenizer, whatever the file says (a Gemma 4 workaround)
+    post = _template(_name_of(names, meta.bos_id), meta.bos_id,
+                     _name_of(names, meta.eos_id) if meta.add_eos else None, meta.eos_id)
+    if post is not None:
+        tok.post_processor = post
+    return tok
+
+
+def _build_tokenizer(meta: TokenizerMetadata):
+    if meta.model == "llama":
+        return _build_spm_tokenizer(meta)
+    if meta.model == "gpt2":
+        return _build_bpe_tokenizer(meta)
+    raise ValueError(
+        f"unsupported GGUF tokenizer model tokenizer.ggml.model={meta.model!r}: only 'llama' "
+        "(SentencePiece, as in Gemma 3 GGUFs) and 'gpt2' (BPE with merges, as llama.cpp's "
+        "convert_hf_to_gguf.py writes for Gemma 3 folders without tokenizer.model) can be converted"
+    )
 
 
 def tokenizer_from_gguf(reader):
@@ -424,7 +550,10 @@ def tokenizer_from_gguf(reader):
     ``<start_of_turn>``, become their ids (llama.cpp's ``parse_special=True``); setting
     ``tokenizer.encode_special_tokens = True`` splits them as text instead (``parse_special=False``).
 
-    Raises ``ValueError`` for a ``tokenizer.ggml.model`` other than ``"llama"`` (SentencePiece).
+    ``tokenizer.ggml.model = "llama"`` (SentencePiece) gets merges derived from the scores;
+    ``"gpt2"`` (BPE) uses the file's ``tokenizer.ggml.merges`` with llama.cpp's Gemma pre-tokenizer
+    (``tokenizer.ggml.pre`` one of :data:`GEMMA_BPE_PRE_TOKENIZERS`). Anything else raises
+    ``ValueError``.
     """
     return _build_tokenizer(read_tokenizer_metadata(reader))
 
