@@ -19,6 +19,7 @@ import pytest
 
 from mlx_gemma_qat.convert.tokenizer import (
     GEMMA_BPE_PRE_TOKENIZERS,
+    TokenizerError,
     parse_merges,
     read_tokenizer_metadata,
     special_token_ids,
@@ -218,7 +219,7 @@ def test_parse_merges():
 @pytest.mark.parametrize("pre", [None, "default", "gpt-2", "llama-bpe", "qwen2"])
 def test_other_pre_tokenizers_refused(tmp_path, pre):
     path = _write(tmp_path / "pre.gguf", pre=pre)
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.ggml\.pre"):  # a ValueError: the CLI's 'Error: ...' line
         tokenizer_from_gguf(path)
 
 

@@ -57,6 +57,7 @@ import numpy as np
 __all__ = [
     "GEMMA3_CHAT_TEMPLATE",
     "GEMMA_BPE_PRE_TOKENIZERS",
+    "TokenizerError",
     "TokenizerMetadata",
     "read_tokenizer_metadata",
     "derive_merges",
@@ -69,6 +70,10 @@ __all__ = [
 
 GEMMA3_CHAT_TEMPLATE: str = (Path(__file__).with_name("gemma3_chat_template.jinja")).read_text(encoding="utf-8")
 """The official Gemma 3 chat template (``chat_template`` of Google's gemma-3 ``tokenizer_config.json``)."""
+
+class TokenizerError(ValueError):
+    """A GGUF tokenizer that cannot be converted (unsupported kind, or inconsistent metadata)."""
+
 
 SPM_SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
@@ -129,7 +134,7 @@ class TokenizerMetadata:
         types = kv.get("tokenizer.ggml.token_type")
         types = np.full(n, TOKEN_NORMAL, np.int32) if types is None else np.asarray(types, dtype=np.int32).reshape(-1)
         if len(scores) != n or len(types) != n:
-            raise ValueError(f"GGUF tokenizer arrays disagree: {n} tokens, {len(scores)} scores, {len(types)} types")
+            raise TokenizerError(f"GGUF tokenizer arrays disagree: {n} tokens, {len(scores)} scores, {len(types)} types")
 
         def opt_int(key):
             v = kv.get(key)
@@ -181,14 +186,14 @@ def _read_kv_file(path: str | os.PathLike, wanted: tuple[str, ...] = _KEYS) -> d
         buf = memoryview(mm)
         try:
             if bytes(buf[:4]) != b"GGUF":
-                raise ValueError(f"{path}: not a GGUF file")
+                raise TokenizerError(f"{path}: not a GGUF file")
             (version,) = struct.unpack_from("<I", buf, 4)
             e = "<"
             if version & 0xFFFF == 0:  # written big-endian
                 e = ">"
                 (version,) = struct.unpack_from(">I", buf, 4)
             if version < 2:
-                raise ValueError(f"{path}: GGUF version {version} is not supported")
+                raise TokenizerError(f"{path}: GGUF version {version} is not supported")
             _, n_kv = struct.unpack_from(e + "QQ", buf, 8)
             pos = 24
             out: dict[str, Any] = {}
@@ -226,7 +231,7 @@ def _read_kv_file(path: str | os.PathLike, wanted: tuple[str, ...] = _KEYS) -> d
                         v, p = read_value(p, etype, keep)
                         items.append(v)
                     return (items if keep else None), p
-                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+                raise TokenizerError(f"{path}: unknown GGUF value type {vtype}")
 
             for _ in range(n_kv):
                 key, pos = read_str(pos)
@@ -391,10 +396,10 @@ GEMMA_BPE_PRE_TOKENIZERS = ("gemma4", "granite-embed-multi-311m")
 
 def _check_vocab(meta: TokenizerMetadata) -> tuple[list[str], list[int]]:
     if not meta.tokens:
-        raise ValueError("GGUF has no tokenizer.ggml.tokens")
+        raise TokenizerError("GGUF has no tokenizer.ggml.tokens")
     names = meta.tokens
     if len(set(names)) != len(names):
-        raise ValueError("GGUF vocabulary has duplicate pieces")
+        raise TokenizerError("GGUF vocabulary has duplicate pieces")
     return names, meta.token_types.tolist()
 
 
@@ -431,7 +436,7 @@ def _build_spm_tokenizer(meta: TokenizerMetadata):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     if meta.add_space_prefix:
-        raise ValueError(
+        raise TokenizerError(
             "GGUF tokenizer has add_space_prefix=true (a SentencePiece dummy prefix); Gemma 3 has none "
             "and this converter supports only that"
         )
@@ -483,7 +488,7 @@ def parse_merges(merges: list[str], vocab: Mapping[str, int]) -> list[tuple[str,
         if pair in seen or pair[0] not in vocab or pair[1] not in vocab:
             continue
         if pair[0] + pair[1] not in vocab:
-            raise ValueError(f"GGUF merge {word!r} joins two pieces into {pair[0] + pair[1]!r}, which is not a piece")
+            raise TokenizerError(f"GGUF merge {word!r} joins two pieces into {pair[0] + pair[1]!r}, which is not a piece")
         seen.add(pair)
         out.append(pair)
     return out
@@ -494,13 +499,13 @@ def _build_bpe_tokenizer(meta: TokenizerMetadata):
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
     if meta.pre not in GEMMA_BPE_PRE_TOKENIZERS:
-        raise ValueError(
+        raise TokenizerError(
             f"unsupported pre-tokenizer tokenizer.ggml.pre={meta.pre!r} for a 'gpt2' (BPE) GGUF tokenizer: "
             f"only {', '.join(repr(p) for p in GEMMA_BPE_PRE_TOKENIZERS)} (what llama.cpp's converter writes for "
             "Gemma tokenizers) can be converted"
         )
     if not meta.merges:
-        raise ValueError("GGUF tokenizer of type 'gpt2' has no tokenizer.ggml.merges")
+        raise TokenizerError("GGUF tokenizer of type 'gpt2' has no tokenizer.ggml.merges")
     names, types = _check_vocab(meta)
     vocab = {name: i for i, name in enumerate(names)}
     merges = parse_merges(meta.merges, vocab)
@@ -531,7 +536,7 @@ def _build_tokenizer(meta: TokenizerMetadata):
         return _build_spm_tokenizer(meta)
     if meta.model == "gpt2":
         return _build_bpe_tokenizer(meta)
-    raise ValueError(
+    raise TokenizerError(
         f"unsupported GGUF tokenizer model tokenizer.ggml.model={meta.model!r}: only 'llama' "
         "(SentencePiece, as in Gemma 3 GGUFs) and 'gpt2' (BPE with merges, as llama.cpp's "
         "convert_hf_to_gguf.py writes for Gemma 3 folders without tokenizer.model) can be converted"
