@@ -150,19 +150,23 @@ def worker_llama(gguf_path: str) -> dict:
 
     from llama_cpp import Llama
 
+    buf = io.StringIO()  # llama-cpp-python logs through Python's sys.stderr, llama.cpp itself to fd 2
     with tempfile.TemporaryFile("w+") as f:
         fd = os.dup(2)
         os.dup2(f.fileno(), 2)
         try:
-            with contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.redirect_stderr(buf):
                 Llama(gguf_path, n_ctx=8192, n_threads=1, verbose=True)
         finally:
             os.dup2(fd, 2)
         f.seek(0)
-        log_text = f.read()
-    model = sum(float(m) for m in re.findall(r"model buffer size =\s+([\d.]+) MiB", log_text))
-    kv = sum(float(m) for m in re.findall(r"KV buffer size =\s+([\d.]+) MiB", log_text))
-    return {"model_mib": model, "kv_mib_8k": kv}
+        log_text = f.read() + buf.getvalue()
+
+    def total(rx):
+        return sum(float(m) for m in re.findall(rx, log_text))
+
+    return {"model_mib": total(r"model buffer size =\s+([\d.]+) MiB"), "kv_mib_8k": total(r"KV buffer size =\s+([\d.]+) MiB"),
+            "compute_mib": total(r"compute buffer size =\s+([\d.]+) MiB")}
 
 
 WORKERS = {"ours": worker_ours, "mlxlm": worker_mlxlm, "ppl": worker_ppl, "kv": worker_kv, "llama": worker_llama}
@@ -246,7 +250,9 @@ def main():
         for layout in ("qat", "q4km"):
             try:
                 r = child("llama", str(p[f"{layout}_gguf"]), python=a.llama_python)
-                out.append(f"- {layout}: model buffer {r['model_mib']:.1f} MiB, KV buffer {r['kv_mib_8k']:.1f} MiB at 8K")
+                out.append(f"- {layout}: model buffers {r['model_mib']:.1f} MiB (mapped file + CPU repack), KV buffers "
+                           f"{r['kv_mib_8k']:.1f} MiB at 8K (f16; its sliding layers keep a full-size cache by default), "
+                           f"compute buffer {r['compute_mib']:.1f} MiB")
             except (RuntimeError, subprocess.SubprocessError) as e:
                 out.append(f"- {layout}: llama.cpp run failed: {str(e).splitlines()[0]}")
 

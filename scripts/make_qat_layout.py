@@ -6,7 +6,10 @@ every tensor is dequantized (gguf-py), the embedding rounded to float16, the 2-D
 gguf-py's Q4_0 quantizer, which follows llama.cpp's ``quantize_row_q4_0_ref`` (d = max / -8,
 q = trunc(x / d + 8.5) clipped to 15). Metadata is copied, ``general.file_type`` set to MOSTLY_Q4_0.
 
-The test suite makes this copy at test time (cached, see ``tests/conftest.py``), so it needs no llama.cpp.
+Checked once against llama.cpp (llama-cpp-python 0.3.36, ``llama_model_quantize``) on the embedded 270M: all 236
+tensors (126 Q4_0, 1 F16, 109 F32) and every metadata key are byte-identical, and so are the two 398,695,104-byte
+files (same sha256). The test suite makes this copy at test time (cached, see ``tests/conftest.py``), so it needs
+no llama.cpp.
 
     python scripts/make_qat_layout.py [SRC.gguf] -o OUT.gguf      # SRC defaults to the embedded 270M
 """
