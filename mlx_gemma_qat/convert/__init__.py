@@ -71,30 +71,9 @@ def convert(
         bar.close()
 
     if is_gguf(src):
-        from .tokenizer import special_token_ids, tokenizer_from_gguf, write_tokenizer_files
-
-        reader = from_gguf.open_gguf(src)
-        cfg = from_gguf.config_from_gguf(reader)
-        tokenizer = tokenizer_from_gguf(reader)  # fail early, before any weight is written
-        ids = special_token_ids(reader)
-        config = cfg.to_dict()
-        text_it = from_gguf.iter_tensors(reader, q6k=q6k, dequantize=dequantize)
-        n_tensors = len(reader.tensors)
-        if mmproj is not None:
-            mcfg, vision_tensors = multimodal_config_from_gguf(reader, cfg, mmproj)
-            config = mcfg.to_dict()
-            n_tensors += len(vision_tensors)
-            text_it = _chain_multimodal(text_it, vision_tensors)
-        with atomic_output_dir(out, force) as tmp:
-            it = tracked(text_it, n_tensors)
-            _write(tmp, config, it, dense_dtype, ids)
-            # A GGUF carries a chat template only when its model was tuned for chat (Google's -it
-            # files do); base models get none, so generation defaults to plain completion for them.
-            template = from_gguf.field(reader, "tokenizer.chat_template")
-            write_tokenizer_files(tmp, tokenizer, **ids, chat_template=template)
-            _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize,
-                                     mmproj=str(mmproj) if mmproj else None))
-        return out
+        with from_gguf.reading(src):
+            return _convert_gguf(src, out, tracked, types, exact, q6k=q6k, dequantize=dequantize, mmproj=mmproj,
+                                 dense_dtype=dense_dtype, force=force)
 
     if mmproj is not None:
         raise from_hf.HFError("--mmproj goes with a text GGUF; a Hugging Face folder carries its vision tower")
@@ -104,11 +83,11 @@ def convert(
     raw, cfg = from_hf.read_config(folder)
     files = from_hf.weight_files(folder)
     vision = is_multimodal(raw)
-    with atomic_output_dir(out, force) as tmp:
+    with from_gguf.reading(folder, from_hf.HFError), atomic_output_dir(out, force) as tmp:
         config = MultimodalConfig.from_dict(raw).to_dict() if vision else cfg.to_dict()
         it = from_hf.iter_tensors(folder, cfg, mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits,
                                   vision=vision)
-        _write(tmp, config, tracked(it, None), dense_dtype, {"eos_id": raw.get("eos_token_id", 1)})
+        _write(tmp, config, tracked(it, None), dense_dtype, {"eos_id": raw.get("eos_token_id", 1)}, folder)
         for f in from_hf.TOKENIZER_FILES:
             if (folder / f).is_file():
                 shutil.copy(folder / f, tmp / f)
@@ -116,6 +95,33 @@ def convert(
             raise from_hf.HFError(f"{folder}: no tokenizer.json or tokenizer.model")
         opts = dict(mode=mode, bits=bits, group_size=group_size, embed_bits=embed_bits, weight_files=len(files))
         _finish(tmp, _provenance(src, "safetensors", types, exact, **opts))
+    return out
+
+
+def _convert_gguf(src, out, tracked, types, exact, *, q6k, dequantize, mmproj, dense_dtype, force) -> Path:
+    from .tokenizer import special_token_ids, tokenizer_from_gguf, write_tokenizer_files
+
+    reader = from_gguf.open_gguf(src)
+    cfg = from_gguf.config_from_gguf(reader)
+    tokenizer = tokenizer_from_gguf(reader)  # fail early, before any weight is written
+    ids = special_token_ids(reader)
+    config = cfg.to_dict()
+    text_it = from_gguf.iter_tensors(reader, q6k=q6k, dequantize=dequantize)
+    n_tensors = len(reader.tensors)
+    if mmproj is not None:
+        mcfg, vision_tensors = multimodal_config_from_gguf(reader, cfg, mmproj)
+        config = mcfg.to_dict()
+        n_tensors += len(vision_tensors)
+        text_it = _chain_multimodal(text_it, vision_tensors)
+    with atomic_output_dir(out, force) as tmp:
+        it = tracked(text_it, n_tensors)
+        _write(tmp, config, it, dense_dtype, ids, src)
+        # A GGUF carries a chat template only when its model was tuned for chat (Google's -it
+        # files do); base models get none, so generation defaults to plain completion for them.
+        template = from_gguf.meta(reader, "tokenizer.chat_template", str)
+        write_tokenizer_files(tmp, tokenizer, **ids, chat_template=template)
+        _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize,
+                                 mmproj=str(mmproj) if mmproj else None))
     return out
 
 
@@ -150,14 +156,54 @@ def _chain_multimodal(text_it, vision_tensors):
     yield from vision_tensors
 
 
-def _write(tmp: Path, config: dict, tensors, dense_dtype, ids: dict):
+def _write(tmp: Path, config: dict, tensors, dense_dtype, ids: dict, src):
     eos = ids.get("eos_id", 1)
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     config["eos_token_id"] = sorted(set(eos) | set(GEMMA3_EOS_IDS))
     for k in ("bos_id", "pad_id"):
         if k in ids:
             config[k.replace("_id", "_token_id")] = ids[k]
-    write_model(tmp, config, tensors, dense_dtype=dense_dtype)
+    expected = _expected_shapes(config)
+    written = []
+
+    def checked():
+        for name, t in tensors:
+            want = expected.get(name)
+            if want is not None and tuple(t.shape) != want:
+                raise IncompleteModelError(f"{src}: tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
+            written.append(name)
+            yield name, t
+
+    write_model(tmp, config, checked(), dense_dtype=dense_dtype)
+    _check_complete(src, expected, written)
+
+
+class IncompleteModelError(ValueError):
+    """The source lacks tensors the model needs, has ones it does not know, or ones of the wrong shape."""
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the config's model and its (logical, unquantized) shape; a tied head has no lm_head.
+    The model is built lazily: no parameter is computed."""
+    from mlx.utils import tree_flatten
+
+    from ..model.config import TextConfig
+    from ..model.multimodal import Model as MultimodalModel
+    from ..model.text import Model
+
+    model = MultimodalModel(MultimodalConfig.from_dict(config)) if is_multimodal(config) else Model(
+        TextConfig.from_dict(config))
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def _check_complete(src, expected: dict, written: list[str]) -> None:
+    """Every parameter the config's model has was written, once, and nothing else (before the folder is kept)."""
+    dup = sorted(n for n, c in Counter(written).items() if c > 1)
+    missing, extra = sorted(set(expected) - set(written)), sorted(set(written) - set(expected))
+    for what, names in (("lacks", missing), ("has unexpected", extra), ("repeats", dup)):
+        if names:
+            more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+            raise IncompleteModelError(f"{src}: the source {what} tensors for this model: {', '.join(names[:3])}{more}")
 
 
 def _finish(tmp: Path, provenance: dict):

@@ -6,6 +6,8 @@ Undoes llama.cpp's weight transforms: its converter stores every Gemma ``*norm.w
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
 from pathlib import Path
@@ -15,6 +17,7 @@ import gguf
 import numpy as np
 
 from ..model.config import TextConfig, default_layer_types
+from .gguf_check import check_gguf
 from .grids import MLXTensor, ggml_to_mlx
 
 
@@ -45,6 +48,36 @@ _TOP_NAMES = {
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
+def is_ours(e: BaseException) -> bool:
+    """An error this package raised on purpose (its own ValueError/OSError subclasses)."""
+    return isinstance(e, (ValueError, OSError)) and (type(e).__module__ or "").startswith("mlx_gemma_qat")
+
+
+@contextlib.contextmanager
+def reading(path, error: type[ValueError] | None = None):
+    """Whatever a corrupt file makes gguf-py, numpy or the converters raise becomes ``error`` naming the file.
+    MemoryError is left alone: the readers check sizes up front, so one would be a bug to see, not hide."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as e:
+        if is_ours(e):
+            raise
+        raise (error or GGUFError)(f"{path}: corrupt or malformed file ({type(e).__name__}: {e})") from None
+
+
+def guarded(it: Iterator, path, error: type[ValueError] | None = None) -> Iterator:
+    """``it``, with :func:`reading` around each step (for iterators consumed elsewhere)."""
+    while True:
+        with reading(path, error):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
 def hf_name(gguf_name: str) -> str:
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
@@ -55,29 +88,29 @@ def hf_name(gguf_name: str) -> str:
 
 
 def read_gguf(path: str | os.PathLike, error: type[ValueError] = None) -> gguf.GGUFReader:
-    """Open a GGUF with gguf-py, refusing missing, non-GGUF, corrupt or truncated files with ``error``."""
+    """Open a GGUF with gguf-py, refusing missing, non-GGUF, corrupt or truncated files with ``error``.
+
+    The header is walked and checked against the file's size first (:func:`.gguf_check.check_gguf`), so
+    gguf-py only ever parses a header whose counts, lengths, dims, types and offsets are consistent.
+    The reader gets ``path`` and ``layout`` (the checked :class:`.gguf_check.GGUFLayout`) attributes.
+    """
     error = error or GGUFError
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise error(f"{path}: not a GGUF file (bad magic)")
+    layout = check_gguf(path, error)
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises assorted errors on truncated/corrupt files
+    except Exception as e:  # the check above leaves gguf-py little to trip on; anything it still raises
         raise error(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise error(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
+    reader.path, reader.layout = path, layout
     return reader
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     """Open and sanity-check a GGUF: readable, complete, and a Gemma 3 text model."""
     reader = read_gguf(path)
-    arch = field(reader, "general.architecture")
+    arch = meta(reader, "general.architecture", str)
     if arch != "gemma3":
         raise GGUFError(f"{path}: architecture {arch!r} is not Gemma 3 (expected 'gemma3')")
     return reader
@@ -91,47 +124,131 @@ def field(reader: gguf.GGUFReader, key: str, default=None):
     return v
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> TextConfig:
-    """The Hugging Face text config implied by llama.cpp's gemma3 metadata and its hard-coded facts."""
-    a = "gemma3"
+_INTS = {gguf.GGUFValueType.UINT8, gguf.GGUFValueType.INT8, gguf.GGUFValueType.UINT16, gguf.GGUFValueType.INT16,
+         gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32, gguf.GGUFValueType.UINT64, gguf.GGUFValueType.INT64}
+_FLOATS = {gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64}
+_KINDS = {int: _INTS, float: _INTS | _FLOATS, str: {gguf.GGUFValueType.STRING}, bool: {gguf.GGUFValueType.BOOL}}
 
-    def need(key):
-        v = field(reader, f"{a}.{key}")
+
+def where(reader) -> str:
+    """The reader's file, for messages."""
+    return str(getattr(reader, "path", None) or getattr(getattr(reader, "data", None), "filename", None) or "GGUF")
+
+
+def meta(reader: gguf.GGUFReader, key: str, kind: type, default=None, error: type[ValueError] | None = None):
+    """A scalar metadata value of the given kind (int, float, str, bool), or ``default`` when absent.
+
+    A value of another GGUF type (an array, a string where a number belongs) is refused with ``error``
+    (default :class:`GGUFError`) naming the file and the key; floats must be finite.
+    """
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    if len(f.types) != 1 or f.types[0] not in _KINDS[kind]:
+        got = "/".join(t.name for t in f.types) or "?"
+        raise (error or GGUFError)(f"{where(reader)}: metadata {key} has type {got}, expected {kind.__name__}")
+    if kind is str:
+        try:
+            return bytes(f.parts[f.data[0]]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise (error or GGUFError)(f"{where(reader)}: metadata {key} is not UTF-8 text") from None
+    v = f.parts[f.data[0]][0]
+    v = kind(v.item() if hasattr(v, "item") else v)
+    if kind is float and not math.isfinite(v):
+        raise (error or GGUFError)(f"{where(reader)}: metadata {key} = {v} is not a finite number")
+    return v
+
+
+_MAX_DIM = 2**31 - 1  # MLX shapes are int32
+
+
+def config_from_gguf(reader: gguf.GGUFReader) -> TextConfig:
+    """The Hugging Face text config implied by llama.cpp's gemma3 metadata and its hard-coded facts.
+
+    Every value is checked before use: numbers of the right type and range, and every tensor's shape equal
+    to what the config implies (so nothing sized from the metadata can exceed what the file holds).
+    """
+    a = "gemma3"
+    path = where(reader)
+
+    def bad(msg):
+        return GGUFError(f"{path}: {msg}")
+
+    def get(key, kind=int, default=None, lo=1, hi=_MAX_DIM):
+        v = meta(reader, f"{a}.{key}", kind, default)
         if v is None:
-            raise GGUFError(f"GGUF metadata lacks {a}.{key}")
+            raise bad(f"GGUF metadata lacks {a}.{key}")
+        if not lo <= v <= hi:
+            raise bad(f"metadata {a}.{key} = {v} is out of range [{lo}, {hi}]")
         return v
 
-    n_layers = int(need("block_count"))
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    head_dim = int(field(reader, f"{a}.attention.key_length", hidden // heads))
-    names = {t.name for t in reader.tensors}
-    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    n_layers = get("block_count")
+    hidden = get("embedding_length")
+    heads = get("attention.head_count")
+    kv_heads = get("attention.head_count_kv", default=heads)
+    if heads % kv_heads:
+        raise bad(f"attention.head_count {heads} is not a multiple of attention.head_count_kv {kv_heads}")
+    head_dim = get("attention.key_length", default=max(1, hidden // heads))
+    inter = get("feed_forward_length")
+    tensors = {t.name: t for t in reader.tensors}
+    emb = tensors.get("token_embd.weight")
+    if emb is None:
+        raise bad("no token_embd.weight tensor")
+    if len(emb.shape) != 2:
+        raise bad(f"token_embd.weight has {len(emb.shape)} dims, expected 2")
     vocab = int(emb.shape[1])
+    blocks = {int(m.group(1)) for n in tensors if (m := _BLK.match(n))}
+    if blocks != set(range(n_layers)):
+        have = f"{len(blocks)} blocks ({min(blocks)}..{max(blocks)})" if blocks else "none"
+        raise bad(f"block_count is {n_layers} but the tensors are for {have}")
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = {"attn_q": (q, hidden), "attn_k": (kv, hidden), "attn_v": (kv, hidden), "attn_output": (hidden, q),
+              "attn_q_norm": (head_dim,), "attn_k_norm": (head_dim,), "ffn_gate": (inter, hidden),
+              "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+    for name, t in tensors.items():
+        m = _BLK.match(name)
+        if name in ("token_embd.weight", "output.weight"):
+            want = (vocab, hidden)
+        elif name == "output_norm.weight":
+            want = (hidden,)
+        elif m and m.group(2) in _BLOCK_NAMES:
+            want = shapes.get(m.group(2), (hidden,))  # the four layer norms
+        else:
+            raise bad(f"unexpected tensor {name!r} in a Gemma 3 GGUF")
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
+        if len(want) == 1 and len(shape) == 2 and shape[0] == 1:
+            shape = shape[1:]
+        if shape != want:
+            raise bad(f"tensor {name} has shape {shape}, the metadata implies {want}")
     # llama.cpp: 27B (62 layers) scales queries by (hidden/heads)^-0.5, other sizes by head_dim^-0.5
     qpas = hidden // heads if n_layers == 62 else head_dim
     rope_scaling = None
-    st = field(reader, f"{a}.rope.scaling.type")
+    st = meta(reader, f"{a}.rope.scaling.type", str)
     if st and st != "none":
-        rope_scaling = {"rope_type": st, "factor": float(field(reader, f"{a}.rope.scaling.factor"))}
-    return TextConfig(
-        hidden_size=hidden,
-        num_hidden_layers=n_layers,
-        intermediate_size=int(need("feed_forward_length")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(field(reader, f"{a}.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        vocab_size=vocab,
-        rms_norm_eps=float(field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(field(reader, f"{a}.rope.freq_base", 1e6)),
-        rope_local_base_freq=10_000.0,  # not in GGUF; llama.cpp hard-codes it for gemma3
-        rope_scaling=rope_scaling,
-        query_pre_attn_scalar=float(qpas),
-        sliding_window=int(field(reader, f"{a}.attention.sliding_window", 512)),
-        layer_types=default_layer_types(n_layers, 6),
-        max_position_embeddings=int(field(reader, f"{a}.context_length", 32768)),
-        tie_word_embeddings="output.weight" not in names,
-    )
+        if st != "linear":
+            raise bad(f"rope scaling type {st!r} is not supported (none or linear)")
+        rope_scaling = {"rope_type": st, "factor": get("rope.scaling.factor", float, lo=1e-6, hi=1e6)}
+    try:
+        return TextConfig(
+            hidden_size=hidden,
+            num_hidden_layers=n_layers,
+            intermediate_size=inter,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=vocab,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-6, lo=1e-30, hi=1.0),
+            rope_theta=get("rope.freq_base", float, 1e6, lo=1e-6, hi=1e30),
+            rope_local_base_freq=10_000.0,  # not in GGUF; llama.cpp hard-codes it for gemma3
+            rope_scaling=rope_scaling,
+            query_pre_attn_scalar=float(qpas),
+            sliding_window=get("attention.sliding_window", int, 512),
+            layer_types=default_layer_types(n_layers, 6),
+            max_position_embeddings=get("context_length", int, 32768),
+            tie_word_embeddings="output.weight" not in tensors,
+        )
+    except ValueError as e:  # model.config's ConfigError
+        raise bad(str(e)) from None
 
 
 def iter_tensors(

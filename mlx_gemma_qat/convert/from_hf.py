@@ -20,6 +20,7 @@ import numpy as np
 
 from ..model.config import TextConfig
 from .grids import MLXTensor, quantize_affine, quantize_q4_0_grid
+from .safetensors_check import SafetensorsError, load_checked
 
 TOKENIZER_FILES = (
     "preprocessor_config.json",
@@ -92,9 +93,9 @@ def text_name(name: str) -> str | None:
 
 def _load_arrays(path: Path) -> dict[str, mx.array]:
     try:
-        return mx.load(str(path))
-    except Exception as e:
-        raise HFError(f"{path}: unreadable safetensors ({e})") from None
+        return load_checked(path)
+    except SafetensorsError as e:
+        raise HFError(str(e)) from None
 
 
 def _float_tensor(a: mx.array) -> MLXTensor:
@@ -139,6 +140,11 @@ def iter_tensors(
             seen.add(name)
             t = _float_tensor(a)
             is_embed = name == "model.embed_tokens.weight"
+            if mode != "none" and (_LINEAR.search(name) or is_embed and embed_bits):
+                gs = 32 if mode == "q4_0" else group_size
+                if t.weight.ndim != 2 or t.weight.shape[1] % gs:
+                    raise HFError(f"{f}: {raw_name} has shape {list(t.weight.shape)}, not a matrix whose rows are "
+                                  f"a multiple of the group size {gs}")
             if mode != "none" and _LINEAR.search(name):
                 w = t.weight.astype(np.float32)
                 t = quantize_q4_0_grid(w) if mode == "q4_0" else quantize_affine(w, bits, group_size)

@@ -55,7 +55,7 @@ import gguf
 import numpy as np
 
 from ..model.vision import VisionConfig
-from .from_gguf import GGUFError, field, read_gguf
+from .from_gguf import GGUFError, field, guarded, meta, read_gguf, reading, where
 from .grids import MLXTensor, ggml_to_mlx
 
 
@@ -103,15 +103,15 @@ def mmproj_name(gguf_name: str) -> str:
 def open_mmproj(path: str | os.PathLike) -> gguf.GGUFReader:
     """Open and check an mmproj GGUF: readable, complete, a CLIP vision file with the gemma3 projector."""
     reader = read_gguf(path, MmprojError)
-    arch = field(reader, "general.architecture")
+    arch = meta(reader, "general.architecture", str, error=MmprojError)
     if arch != "clip":
         hint = " (this looks like a text model GGUF; pass llama.cpp's mmproj-*.gguf file)" if arch else ""
         raise MmprojError(f"{path}: architecture {arch!r} is not an mmproj vision file (expected 'clip'){hint}")
-    if field(reader, "clip.has_vision_encoder", True) is False:
+    if meta(reader, "clip.has_vision_encoder", bool, True, MmprojError) is False:
         raise MmprojError(f"{path}: mmproj file has no vision encoder")
-    proj = field(reader, "clip.projector_type")
+    proj = meta(reader, "clip.projector_type", str, error=MmprojError)
     if proj is None:
-        proj = field(reader, "clip.vision.projector_type")
+        proj = meta(reader, "clip.vision.projector_type", str, error=MmprojError)
     if proj != "gemma3":
         raise MmprojError(f"{path}: projector type {proj!r} is not Gemma 3's (expected 'gemma3')")
     return reader
@@ -130,34 +130,40 @@ def _eps(v: float) -> float:
 def vision_config_from_mmproj(reader: gguf.GGUFReader) -> tuple[dict, int, int]:
     """(vision_config dict, mm_tokens_per_image, text hidden size) from ``clip.vision.*`` metadata."""
 
-    def need(key):
-        v = field(reader, f"clip.vision.{key}")
+    path = where(reader)
+
+    def need(key, kind=int, default=None, lo=1, hi=2**31 - 1):
+        v = meta(reader, f"clip.vision.{key}", kind, default, MmprojError)
         if v is None:
-            raise MmprojError(f"mmproj metadata lacks clip.vision.{key}")
+            raise MmprojError(f"{path}: mmproj metadata lacks clip.vision.{key}")
+        if not lo <= v <= hi:
+            raise MmprojError(f"{path}: mmproj metadata clip.vision.{key} = {v} is out of range [{lo}, {hi}]")
         return v
 
+    # every block has 16 tensors: a block count the file cannot hold is refused before anything is sized by it
+    n_layers = need("block_count", hi=max(1, len(reader.tensors) // 16))
     cfg = VisionConfig(
-        hidden_size=int(need("embedding_length")),
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
-        num_attention_heads=int(need("attention.head_count")),
-        image_size=int(need("image_size")),
-        patch_size=int(need("patch_size")),
-        layer_norm_eps=_eps(float(field(reader, "clip.vision.attention.layer_norm_epsilon", 1e-6))),
+        hidden_size=need("embedding_length"),
+        intermediate_size=need("feed_forward_length"),
+        num_hidden_layers=n_layers,
+        num_attention_heads=need("attention.head_count"),
+        image_size=need("image_size"),
+        patch_size=need("patch_size"),
+        layer_norm_eps=_eps(need("attention.layer_norm_epsilon", float, 1e-6, lo=1e-30, hi=1.0)),
     )
     side = cfg.image_size // cfg.patch_size
     if side * cfg.patch_size != cfg.image_size:
         raise MmprojError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    scale = int(field(reader, "clip.vision.projector.scale_factor", DEFAULT_SCALE_FACTOR))
-    if scale <= 0 or side % scale:
+    scale = need("projector.scale_factor", int, DEFAULT_SCALE_FACTOR)
+    if side % scale:
         raise MmprojError(f"projector scale_factor {scale} does not pool a {side}x{side} patch grid evenly")
     tokens = (side // scale) ** 2
     proj = next((t for t in reader.tensors if t.name == "mm.input_projection.weight"), None)
     if proj is None:
         raise MmprojError("mmproj GGUF lacks mm.input_projection.weight")
     text_hidden = int(proj.shape[0])  # GGUF dims fastest-first: (text, vision)
-    pd = field(reader, "clip.vision.projection_dim")
-    if pd is not None and int(pd) != text_hidden:
+    pd = meta(reader, "clip.vision.projection_dim", int, None, MmprojError)
+    if pd is not None and pd != text_hidden:
         raise MmprojError(f"clip.vision.projection_dim {pd} != projector width {text_hidden}")
     return cfg.to_dict(), tokens, text_hidden
 
@@ -207,14 +213,15 @@ def read_mmproj(path: str | os.PathLike) -> tuple[dict, int, Iterator[tuple[str,
     Raises :class:`MmprojError` (a ``ValueError``) for a file that is not a Gemma 3 mmproj GGUF.
     The iterator reads the tensors lazily from the memory-mapped file.
     """
-    reader = open_mmproj(path)
-    vcfg, tokens, _ = vision_config_from_mmproj(reader)
-    names = {t.name for t in reader.tensors}
-    expected = {f"{k}.{s}" for k in _TOP for s in ("weight", "bias") if k != "v.position_embd"}
-    expected |= {"v.position_embd.weight", *_PROJ}
-    expected |= {f"v.blk.{i}.{b}.{s}" for i in range(vcfg["num_hidden_layers"]) for b in _BLOCK for s in ("weight", "bias")}
-    missing = sorted(expected - names)
-    if missing:
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise MmprojError(f"{path}: mmproj GGUF lacks tensors {', '.join(missing[:5])}{more}")
-    return vcfg, tokens, iter_mmproj_tensors(reader, vcfg)
+    with reading(path, MmprojError):
+        reader = open_mmproj(path)
+        vcfg, tokens, _ = vision_config_from_mmproj(reader)
+        names = {t.name for t in reader.tensors}
+        expected = {f"{k}.{s}" for k in _TOP for s in ("weight", "bias") if k != "v.position_embd"}
+        expected |= {"v.position_embd.weight", *_PROJ}
+        expected |= {f"v.blk.{i}.{b}.{s}" for i in range(vcfg["num_hidden_layers"]) for b in _BLOCK for s in ("weight", "bias")}
+        missing = sorted(expected - names)
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise MmprojError(f"{path}: mmproj GGUF lacks tensors {', '.join(missing[:5])}{more}")
+    return vcfg, tokens, guarded(iter_mmproj_tensors(reader, vcfg), path, MmprojError)

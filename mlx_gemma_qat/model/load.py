@@ -52,12 +52,27 @@ def read_config(path: Path) -> dict:
 
 
 def load_weights(path: Path) -> dict[str, mx.array]:
+    """Every tensor of the folder's ``*.safetensors`` files; each file's header is checked before MLX maps it
+    (convert/safetensors_check.py), and a corrupt file, a tensor named twice or a dtype no MLX model folder
+    holds (packed uint32, float16/bfloat16/float32) is a ModelLoadError naming the file."""
+    from ..convert.safetensors_check import SafetensorsError, load_checked
+
     files = sorted(glob.glob(str(Path(path) / "*.safetensors")))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weights")
     weights = {}
     for f in files:
-        weights.update(mx.load(f))
+        try:
+            arrays = load_checked(f)
+        except SafetensorsError as e:
+            raise ModelLoadError(str(e)) from None
+        for name, a in arrays.items():
+            if name in weights:
+                raise ModelLoadError(f"{f}: tensor {name} is also in another weight file")
+            if a.dtype not in (mx.uint32, mx.float16, mx.bfloat16, mx.float32):
+                raise ModelLoadError(f"{f}: tensor {name} has dtype {a.dtype}, not one an MLX model folder holds "
+                                     "(packed uint32, float16, bfloat16, float32)")
+        weights.update(arrays)
     return weights
 
 
