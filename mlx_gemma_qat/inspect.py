@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,11 +121,10 @@ def _total_memory(rep: Report) -> None:
 
 
 def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return header
+    """The tensor entries of a safetensors file, checked (SafetensorsError naming the file when corrupt)."""
+    from .convert.safetensors_check import read_header
+
+    return read_header(path)
 
 
 _ITEM = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}
