@@ -22,6 +22,14 @@ def _clean_errors(fn):
     return wrapper
 
 
+def _kv_options(fn):
+    fn = click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+                      help="Group size along head_dim of the quantized KV cache.")(fn)
+    return click.option("--kv-bits", type=click.IntRange(2, 8), default=None,
+                        help="Store the KV cache quantized at 8 or 4 bits (2, 3, 5, 6 also run), on every layer "
+                             "(default: the compute dtype).")(fn)
+
+
 def _widen_option(fn):
     return click.option(
         "--widen/--no-widen", default=None,
@@ -83,11 +91,7 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
 @click.option("--prefill-step", type=int, default=256, show_default=True)
-@click.option("--kv-bits", type=click.IntRange(2, 8), default=None,
-              help="Store the KV cache quantized at 8 or 4 bits (2, 3, 5, 6 also run), on every layer "
-                   "(default: the compute dtype).")
-@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Group size along head_dim of the quantized KV cache.")
+@_kv_options
 @click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
               help="Resume from a file made by cache-prompt (same model and dtype; --kv-bits, if given, must match "
                    "it). Raw: --prompt continues the cached text, or is the full prompt if it starts with it; chat: "
@@ -131,11 +135,7 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @click.option("--seed", type=int, default=None)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
-@click.option("--kv-bits", type=click.IntRange(2, 8), default=None,
-              help="Store the KV cache quantized at 8 or 4 bits (2, 3, 5, 6 also run), on every layer "
-                   "(default: the compute dtype).")
-@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Group size along head_dim of the quantized KV cache.")
+@_kv_options
 @click.option("--stats", is_flag=True, help="Print prompt/decode speed and cache use after each reply.")
 @_widen_option
 @_clean_errors
@@ -201,11 +201,7 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU); generate must use the same.")
 @click.option("--prefill-step", type=int, default=256, show_default=True)
-@click.option("--kv-bits", type=click.IntRange(2, 8), default=None,
-              help="Store the KV cache quantized at 8 or 4 bits (2, 3, 5, 6 also run), on every layer "
-                   "(default: the compute dtype).")
-@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Group size along head_dim of the quantized KV cache.")
+@_kv_options
 @_clean_errors
 def cache_prompt(model, prompt, out, chat, dtype, prefill_step, kv_bits, kv_group_size):
     """Prefill a prompt once and save its KV cache, for `generate --prompt-cache`."""

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import gpl3_ids, log, run  # noqa: E402
+from bench_generate import gpl3_ids, run  # noqa: E402
 
 PY = sys.executable
 PROMPT_IDS = [2, 818, 5279, 529, 7001, 563]  # <bos>The capital of France is
@@ -118,7 +118,7 @@ def worker_kv(folder: str) -> dict:
     """Fill the caches of the model's geometry to 8K and 32K tokens; bytes held against the theory."""
     import mlx.core as mx
 
-    from mlx_gemma_qat.model.cache import cache_nbytes, make_cache
+    from bench_kv import kv_bytes
     from mlx_gemma_qat.model.config import TextConfig
 
     cfg = TextConfig.from_dict(json.loads((Path(folder) / "config.json").read_text()))
@@ -126,17 +126,9 @@ def worker_kv(folder: str) -> dict:
     for dtype, nb in (("float32", 4), ("bfloat16", 2)):
         for bits in (None, 8, 4):
             for ctx in (8192, 32768):
-                cache = make_cache(cfg, kv_bits=bits, kv_group_size=64) if bits else make_cache(cfg)
-                step = 2048
-                for s in range(0, ctx, step):
-                    k = mx.random.normal((1, cfg.num_key_value_heads, step, cfg.head_dim)).astype(getattr(mx, dtype))
-                    for c in cache:
-                        c.update_and_fetch(k, k)
-                    mx.eval([c.state for c in cache])
-                held = cache_nbytes(cache)
-                theory = cfg.kv_cache_bytes(ctx, nb, bits, 64)
-                rows.append({"dtype": dtype, "bits": bits, "context": ctx, "held": held, "theory": theory})
-                del cache
+                held, _ = kv_bytes(cfg, ctx, bits, 64, getattr(mx, dtype))
+                rows.append({"dtype": dtype, "bits": bits, "context": ctx, "held": held,
+                             "theory": cfg.kv_cache_bytes(ctx, nb, bits, 64)})
     return {"rows": rows}
 
 
