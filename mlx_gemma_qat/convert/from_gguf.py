@@ -55,15 +55,22 @@ def is_ours(e: BaseException) -> bool:
 
 @contextlib.contextmanager
 def reading(path, error: type[ValueError] | None = None):
-    """Whatever a corrupt file makes gguf-py, numpy or the converters raise becomes ``error`` naming the file.
-    MemoryError is left alone: the readers check sizes up front, so one would be a bug to see, not hide."""
+    """Errors while reading ``path`` name it: this package's own get the path in front when they lack it, and
+    whatever a corrupt file still makes gguf-py, numpy or the converters raise becomes ``error``. MemoryError
+    is left alone: the readers check sizes up front, so one would be a bug to see, not hide."""
     try:
         yield
     except MemoryError:
         raise
     except Exception as e:
         if is_ours(e):
-            raise
+            if str(path) in str(e):
+                raise
+            try:
+                named = type(e)(f"{path}: {e}")
+            except Exception:  # an error class with other arguments
+                named = (error or GGUFError)(f"{path}: {e}")
+            raise named from None
         raise (error or GGUFError)(f"{path}: corrupt or malformed file ({type(e).__name__}: {e})") from None
 
 
@@ -101,8 +108,10 @@ def read_gguf(path: str | os.PathLike, error: type[ValueError] = None) -> gguf.G
     layout = check_gguf(path, error)
     try:
         reader = gguf.GGUFReader(str(path))
+    except MemoryError:
+        raise
     except Exception as e:  # the check above leaves gguf-py little to trip on; anything it still raises
-        raise error(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+        raise error(f"{path}: corrupt GGUF, gguf-py cannot read it ({type(e).__name__}: {e})") from None
     reader.path, reader.layout = path, layout
     return reader
 
@@ -269,7 +278,7 @@ def iter_tensors(
             mt = MLXTensor(mt.dequantize(), None, None, None, None, mt.exact, mt.source_type)
         if name.endswith("norm.weight"):
             if mt.quantized:
-                raise GGUFError(f"{t.name}: quantized norm weights are not supported")
+                raise GGUFError(f"{where(reader)}: {t.name}: quantized norm weights are not supported")
             w = np.asarray(mt.weight, dtype=np.float32).reshape(-1) - np.float32(1.0)
             mt = MLXTensor(w, None, None, None, None, mt.exact, mt.source_type)
         yield name, mt

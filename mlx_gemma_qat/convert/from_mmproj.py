@@ -151,20 +151,23 @@ def vision_config_from_mmproj(reader: gguf.GGUFReader) -> tuple[dict, int, int]:
         patch_size=need("patch_size"),
         layer_norm_eps=_eps(need("attention.layer_norm_epsilon", float, 1e-6, lo=1e-30, hi=1.0)),
     )
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise MmprojError(f"{path}: clip.vision.embedding_length {cfg.hidden_size} is not a multiple of "
+                          f"attention.head_count {cfg.num_attention_heads}")
     side = cfg.image_size // cfg.patch_size
     if side * cfg.patch_size != cfg.image_size:
-        raise MmprojError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        raise MmprojError(f"{path}: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     scale = need("projector.scale_factor", int, DEFAULT_SCALE_FACTOR)
     if side % scale:
-        raise MmprojError(f"projector scale_factor {scale} does not pool a {side}x{side} patch grid evenly")
+        raise MmprojError(f"{path}: projector scale_factor {scale} does not pool a {side}x{side} patch grid evenly")
     tokens = (side // scale) ** 2
     proj = next((t for t in reader.tensors if t.name == "mm.input_projection.weight"), None)
     if proj is None:
-        raise MmprojError("mmproj GGUF lacks mm.input_projection.weight")
+        raise MmprojError(f"{path}: mmproj GGUF lacks mm.input_projection.weight")
     text_hidden = int(proj.shape[0])  # GGUF dims fastest-first: (text, vision)
     pd = meta(reader, "clip.vision.projection_dim", int, None, MmprojError)
     if pd is not None and pd != text_hidden:
-        raise MmprojError(f"clip.vision.projection_dim {pd} != projector width {text_hidden}")
+        raise MmprojError(f"{path}: clip.vision.projection_dim {pd} != projector width {text_hidden}")
     return cfg.to_dict(), tokens, text_hidden
 
 
@@ -185,26 +188,40 @@ def iter_mmproj_tensors(reader: gguf.GGUFReader, vision_config: dict | None = No
         yield name, mt
 
 
-def _check_shape(gname: str, name: str, shape: tuple[int, ...], cfg: VisionConfig) -> None:
-    d, side = cfg.hidden_size, cfg.image_size // cfg.patch_size
-    want = None
+def _expected_shape(name: str, cfg: VisionConfig, text_hidden: int | None) -> tuple[int, ...]:
+    """The shape the vision config implies for one of our tensor names (weights as our model holds them)."""
+    d, side, inter = cfg.hidden_size, cfg.image_size // cfg.patch_size, cfg.intermediate_size
     if name.endswith("patch_embedding.weight"):
-        want = (d, cfg.num_channels, cfg.patch_size, cfg.patch_size)
-    elif name.endswith("position_embedding.weight"):
-        want = (side * side, d)
-    elif name.endswith("fc1.weight"):
-        want = (cfg.intermediate_size, d)
-    elif name.endswith("fc2.weight"):
-        want = (d, cfg.intermediate_size)
-    elif name.endswith("mm_input_projection_weight"):
-        if len(shape) != 2 or shape[0] != d:
-            raise MmprojError(f"{gname}: shape {shape}, expected ({d}, text_hidden)")
-        return
-    if want is not None and tuple(shape) != want:
-        raise MmprojError(f"{gname}: shape {tuple(shape)} does not match the metadata (expected {want})")
+        return (d, cfg.num_channels, cfg.patch_size, cfg.patch_size)
+    if name.endswith("position_embedding.weight"):
+        return (side * side, d)
+    if name.endswith("fc1.weight"):
+        return (inter, d)
+    if name.endswith("fc1.bias"):
+        return (inter,)
+    if name.endswith("fc2.weight"):
+        return (d, inter)
+    if name.endswith("_proj.weight"):
+        return (d, d)
+    if name.endswith("mm_input_projection_weight"):
+        return (d, text_hidden if text_hidden is not None else -1)
+    return (d,)  # biases, layer norms, the soft-embedding norm
+
+
+def _check_shape(gname: str, name: str, shape: tuple[int, ...], cfg: VisionConfig, text_hidden: int | None = None,
+                 path=None) -> None:
+    want = _expected_shape(name, cfg, text_hidden)
+    shape = tuple(int(s) for s in shape)
+    if len(want) == 1 and len(shape) == 2 and shape[0] == 1:
+        shape = shape[1:]
+    if want[-1] == -1 and len(shape) == 2:  # the projector's text width is checked against the text model
+        want = (want[0], shape[1])
+    where = f"{path}: " if path else ""
+    if shape != want:
+        raise MmprojError(f"{where}{gname}: shape {shape} does not match the metadata (expected {want})")
     m = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", name)
     if m and int(m.group(1)) >= cfg.num_hidden_layers:
-        raise MmprojError(f"{gname}: block {m.group(1)} beyond block_count {cfg.num_hidden_layers}")
+        raise MmprojError(f"{where}{gname}: block {m.group(1)} beyond block_count {cfg.num_hidden_layers}")
 
 
 def read_mmproj(path: str | os.PathLike) -> tuple[dict, int, Iterator[tuple[str, MLXTensor]]]:
@@ -224,4 +241,7 @@ def read_mmproj(path: str | os.PathLike) -> tuple[dict, int, Iterator[tuple[str,
         if missing:
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
             raise MmprojError(f"{path}: mmproj GGUF lacks tensors {', '.join(missing[:5])}{more}")
+        cfg = VisionConfig.from_dict(vcfg)
+        for t in reader.tensors:  # every shape, before any data is read
+            _check_shape(t.name, mmproj_name(t.name), tuple(reversed(t.shape)), cfg, None, path)
     return vcfg, tokens, guarded(iter_mmproj_tensors(reader, vcfg), path, MmprojError)

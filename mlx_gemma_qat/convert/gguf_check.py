@@ -82,18 +82,14 @@ def check_gguf(path: str | os.PathLike, error: type[ValueError] | None = None) -
         with open(path, "rb") as fh:
             if size == 0:
                 raise error(f"{path}: empty file (not a GGUF)")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                buf = memoryview(mm)
-                try:
-                    return _Walker(buf, size, path, error).walk()
-                finally:
-                    buf.release()
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:  # no views of it outlive the walk
+                return _Walker(mm, size, path, error).walk()
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 class _Walker:
-    def __init__(self, buf: memoryview, size: int, path: Path, error: type[ValueError]):
+    def __init__(self, buf: mmap.mmap, size: int, path: Path, error: type[ValueError]):
         self.buf, self.size, self.path, self.error = buf, size, path, error
         self.pos = 0
         self.e = "<"
@@ -116,12 +112,12 @@ class _Walker:
     def string(self, what: str, decode: bool) -> str | None:
         n = self.unpack("Q", f"{what} length")
         self.need(n, f"{what} of {n} bytes")
-        raw = self.buf[self.pos : self.pos + n] if decode else None
+        raw = self.buf[self.pos : self.pos + n] if decode else None  # a copy (bytes), not a view
         self.pos += n
         if not decode:
             return None
         try:
-            return bytes(raw).decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"{what} at byte {self.pos - n} is not UTF-8") from None
 
@@ -165,7 +161,7 @@ class _Walker:
 
     def walk(self) -> GGUFLayout:
         self.need(4, "magic")
-        if bytes(self.buf[:4]) != b"GGUF":
+        if self.buf[:4] != b"GGUF":
             raise self.error(f"{self.path}: not a GGUF file (bad magic)")
         self.pos = 4
         self.need(20, "header")

@@ -104,5 +104,7 @@ def load_checked(path: str | os.PathLike) -> dict:
     read_header(path)
     try:
         return mx.load(str(path))
+    except MemoryError:
+        raise
     except Exception as e:  # what the check above cannot see (e.g. a dtype MLX does not read)
         raise SafetensorsError(f"{path}: unreadable safetensors ({type(e).__name__}: {e})") from None

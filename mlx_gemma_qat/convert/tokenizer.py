@@ -275,12 +275,60 @@ def read_tokenizer_metadata(source) -> TokenizerMetadata:
     if isinstance(source, TokenizerMetadata):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return TokenizerMetadata.from_mapping(_read_kv_file(source))
+        from .gguf_check import check_gguf
+
+        # the header is walked and checked against the file size first: the reader below can trust it
+        _check_key_types(source, check_gguf(source, TokenizerError).keys)
+        return _named(source, lambda: TokenizerMetadata.from_mapping(_read_kv_file(source)))
     if hasattr(source, "fields"):
-        return TokenizerMetadata.from_mapping(_read_kv_reader(source))
+        where = getattr(source, "path", None) or getattr(getattr(source, "data", None), "filename", "GGUF")
+        f = source.fields
+        _check_key_types(where, {k: (int(f[k].types[0]), int(f[k].types[1]) if len(f[k].types) > 1 else None)
+                                 for k in _KEYS if k in f and f[k].types})
+        return _named(where, lambda: TokenizerMetadata.from_mapping(_read_kv_reader(source)))
     if isinstance(source, Mapping):
         return TokenizerMetadata.from_mapping(source)
     raise TypeError(f"expected a gguf.GGUFReader, a GGUF path or a metadata mapping, got {type(source).__name__}")
+
+
+# GGUF value types each tokenizer key may have: (value type, array element types)
+_INT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
+_NUM_TYPES = _INT_TYPES | {6, 12}
+_KEY_TYPES = {
+    "tokenizer.ggml.tokens": (_ARRAY, {_STRING}),
+    "tokenizer.ggml.merges": (_ARRAY, {_STRING}),
+    "tokenizer.ggml.scores": (_ARRAY, _NUM_TYPES),
+    "tokenizer.ggml.token_type": (_ARRAY, _INT_TYPES),
+    "tokenizer.ggml.model": (_STRING, None),
+    "tokenizer.ggml.pre": (_STRING, None),
+    "tokenizer.chat_template": (_STRING, None),
+    **{f"tokenizer.ggml.{k}_token_id": (_INT_TYPES, None) for k in ("bos", "eos", "unknown", "padding")},
+    **{f"tokenizer.ggml.{k}": ({7} | _INT_TYPES, None) for k in ("add_bos_token", "add_eos_token", "add_space_prefix")},
+}
+
+
+def _check_key_types(where, types: Mapping[str, tuple[int, int | None]]) -> None:
+    """Each tokenizer key present has a value type the reader can use (a GGUF can say anything)."""
+    for key, (want, elems) in _KEY_TYPES.items():
+        if key not in types:
+            continue
+        vtype, etype = types[key]
+        ok = vtype in want if isinstance(want, set) else vtype == want
+        if ok and elems is not None:
+            ok = etype in elems
+        if not ok:
+            got = f"an array of type {etype}" if vtype == _ARRAY else f"type {vtype}"
+            raise TokenizerError(f"{where}: metadata {key} has GGUF {got}, not what a tokenizer key holds")
+
+
+def _named(where, build):
+    """``build()``, its TokenizerErrors naming the file."""
+    try:
+        return build()
+    except TokenizerError as e:
+        if str(where) in str(e):
+            raise
+        raise TokenizerError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,7 +608,12 @@ def tokenizer_from_gguf(reader):
     (``tokenizer.ggml.pre`` one of :data:`GEMMA_BPE_PRE_TOKENIZERS`). Anything else raises
     ``ValueError``.
     """
-    return _build_tokenizer(read_tokenizer_metadata(reader))
+    meta = read_tokenizer_metadata(reader)
+    if isinstance(reader, (str, os.PathLike)) or hasattr(reader, "fields"):  # errors name the file
+        where = reader if not hasattr(reader, "fields") else getattr(reader, "path", None) or getattr(
+            getattr(reader, "data", None), "filename", "GGUF")
+        return _named(where, lambda: _build_tokenizer(meta))
+    return _build_tokenizer(meta)
 
 
 def special_token_ids(reader) -> dict[str, int | None]:

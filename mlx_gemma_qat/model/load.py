@@ -53,8 +53,9 @@ def read_config(path: Path) -> dict:
 
 def load_weights(path: Path) -> dict[str, mx.array]:
     """Every tensor of the folder's ``*.safetensors`` files; each file's header is checked before MLX maps it
-    (convert/safetensors_check.py), and a corrupt file, a tensor named twice or a dtype no MLX model folder
-    holds (packed uint32, float16/bfloat16/float32) is a ModelLoadError naming the file."""
+    (convert/safetensors_check.py), and a corrupt file, a tensor named twice, a dtype no MLX model folder
+    holds (packed uint32, float16/bfloat16/float32) or a packed weight without scales (or scales without a
+    packed weight) is a ModelLoadError naming the file."""
     from ..convert.safetensors_check import SafetensorsError, load_checked
 
     files = sorted(glob.glob(str(Path(path) / "*.safetensors")))
@@ -73,6 +74,12 @@ def load_weights(path: Path) -> dict[str, mx.array]:
                 raise ModelLoadError(f"{f}: tensor {name} has dtype {a.dtype}, not one an MLX model folder holds "
                                      "(packed uint32, float16, bfloat16, float32)")
         weights.update(arrays)
+    for name, a in weights.items():  # packed weights come with scales, and only they are uint32
+        base = name.removesuffix(".weight")
+        packed = name.endswith(".weight") and f"{base}.scales" in weights
+        if (a.dtype == mx.uint32) != packed:
+            what = "a packed (uint32) weight without scales" if not packed else f"quantized, but stored as {a.dtype}"
+            raise ModelLoadError(f"{path}: tensor {name} is {what}")
     return weights
 
 
