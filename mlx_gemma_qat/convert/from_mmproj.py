@@ -55,7 +55,7 @@ import gguf
 import numpy as np
 
 from ..model.vision import VisionConfig
-from .from_gguf import GGUFError, field, guarded, meta, read_gguf, reading, where
+from .from_gguf import GGUFError, guarded, meta, read_gguf, reading, where
 from .grids import MLXTensor, ggml_to_mlx
 
 
