@@ -121,10 +121,16 @@ def _total_memory(rep: Report) -> None:
 
 
 def _safetensors_header(path: Path) -> dict:
-    """The tensor entries of a safetensors file, checked (SafetensorsError naming the file when corrupt)."""
-    from .convert.safetensors_check import read_header
+    """The tensor entries of a safetensors file, checked (SafetensorsError naming the file when corrupt, or
+    holding a dtype no MLX model folder holds: load_model refuses those too)."""
+    from .convert.safetensors_check import SafetensorsError, read_header
 
-    return read_header(path)
+    header = read_header(path)
+    for name, info in header.items():
+        if info["dtype"] not in ("U32", "F16", "BF16", "F32"):
+            raise SafetensorsError(f"{path}: tensor {name} has dtype {info['dtype']}, not one an MLX model folder "
+                                   "holds (packed U32, F16, BF16, F32)")
+    return header
 
 
 _ITEM = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import select
@@ -123,6 +124,23 @@ def gguf_fields(data: bytes, keep_strings: int = 64) -> tuple[list[tuple[int, in
     return out, {"kv": (24, kv_end), "tinfo": (kv_end, p), "data": data_start}
 
 
+def insert_alignment(b: bytearray, value: int, vtype: int = 4) -> None:
+    """Put a ``general.alignment`` key (GGUF value type ``vtype``) in front of the others, with a filler key
+    that keeps the data where a 32- or 64-byte alignment expects it."""
+    key = b"general.alignment"
+    if vtype == 8:
+        entry = struct.pack("<Q", len(key)) + key + struct.pack("<IQ", 8, 2) + b"64"
+    else:
+        fmt, v = {4: ("<I", value % 2**32), 5: ("<i", value % 2**31), 10: ("<Q", value % 2**64)}[vtype]
+        entry = struct.pack("<Q", len(key)) + key + struct.pack("<I", vtype) + struct.pack(fmt, v)
+    pad = b"fuzz.pad"
+    fill = (-(len(entry) + 8 + len(pad) + 4 + 8)) % 64
+    entry += struct.pack("<Q", len(pad)) + pad + struct.pack("<IQ", 8, fill) + b"x" * fill
+    (n_kv,) = struct.unpack_from("<Q", b, 16)
+    struct.pack_into("<Q", b, 16, n_kv + 2)
+    b[24:24] = entry
+
+
 def _tensor_offsets(fields) -> list[int]:
     return [off for off, _, kind in fields if kind == "tensor-offset"]
 
@@ -133,9 +151,15 @@ def mutate_gguf(data: bytes, layout: tuple, rng: random.Random, size: int | None
     fields, sec = layout
     b = bytearray(data)
     full = size or len(b)
-    kind = rng.choice(["field"] * 6 + ["fields", "offset", "flip-header", "flip-kv", "flip-tinfo", "flip-data",
-                                       "random-bytes", "truncate", "truncate-struct", "truncate-struct"])
+    kind = rng.choice(["field"] * 6 + ["fields", "offset", "alignment", "flip-header", "flip-kv", "flip-tinfo",
+                                       "flip-data", "random-bytes", "truncate", "truncate-struct", "truncate-struct"])
     cut = None
+    if kind == "alignment":  # a valid value, an absurd one, or the wrong type
+        v = rng.choice([1, 8, 32, 64, 64, 0, 3, 48, 2**31, 2**32 - 1])
+        vtype = rng.choice([4] * 5 + [5, 10, 8])
+        insert_alignment(b, v, vtype)
+        label = "wrong-type" if vtype != 4 else "valid" if v in (1, 8, 32, 64) else "absurd"
+        return b, f"alignment:{label}", None
     if kind in ("field", "fields"):
         picks = [rng.choice(fields) for _ in range(1 if kind == "field" else rng.randint(2, 4))]
         for off, width, fkind in picks:
@@ -359,11 +383,13 @@ def run_case(case: Case, seeds: dict) -> dict:
                 if extra and extra[0] == "truncate":
                     fh.truncate(extra[1])
                 elif not kind.startswith("truncate"):
-                    fh.truncate(size)
+                    fh.truncate(size + len(data) - len(head))  # an inserted key moved the data along
                     for i, bit in (extra[1] if extra else []):
                         fh.seek(i)
                         fh.write(bytes([bit]))
-            route = rng.choice(["tokenizer"] * 6 + ["open"] * 3 + ["cli-inspect"])
+            route = rng.choice(["tokenizer"] * 5 + ["open"] * 2 + ["convert"] * 2 + ["cli-inspect"])
+            if seeds.get("quick"):  # header-only readers: a fraction of a second each
+                route = "tokenizer"
         else:
             src = rng.choice(seeds["hf" if target == "safetensors-hf" else "mlx"])
             f = d / "folder"
@@ -432,7 +458,8 @@ def _cli(args: list[str], f: Path) -> str:
     if r.exit_code != 1 or not msg.startswith("Error: ") or len(msg.splitlines()) != 1 or (
             f.name not in msg and f.parent.name not in msg):
         raise Failure(f"CLI exit {r.exit_code} with output {msg[-300:]!r}")
-    return "error: CLI"
+    m = _FOREIGN.search(msg)
+    return "error: CLI" + (f" (wrapped {m.group(1)})" if m else "")
 
 
 def attempt(route: str, f: Path, out: Path, seeds: dict) -> str:
@@ -500,7 +527,22 @@ def _vm_size() -> int:
     return 0
 
 
-def worker(seed: int, mem_gb: float, time_limit: int) -> None:
+def _sabotage(what: str, mem_gb: float) -> None:
+    import signal
+
+    if what == "crash":
+        os.abort()
+    elif what == "hang":
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])  # as if stuck in native code
+        time.sleep(3600)
+    elif what == "alloc":
+        import numpy as np
+
+        np.ones(int((mem_gb + 1) * (1 << 30)), dtype=np.uint8)  # fits the machine, not the cap
+
+
+def worker(seed: int, mem_gb: float, time_limit: int, quick: bool = False, sabotage: dict | None = None) -> None:
+    sabotage = sabotage or {}
     import resource
     import signal
     import warnings
@@ -509,6 +551,7 @@ def worker(seed: int, mem_gb: float, time_limit: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="fuzz-worker-"))
     try:
         seeds = make_seeds(work)
+        seeds["quick"] = quick
         import mlx.core as mx
 
         mx.eval(mx.ones(4) + 1)  # the runtime's own start-up allocations come before the baseline
@@ -525,6 +568,8 @@ def worker(seed: int, mem_gb: float, time_limit: int) -> None:
             case = Case(seed, i)
             signal.alarm(time_limit)
             try:
+                if i in sabotage:  # the harness's own tests: a crash, a hang in native code, a huge allocation
+                    _sabotage(sabotage[i], mem_gb)
                 res = {"case": i, **run_case(case, seeds)}
             except BaseException as e:  # noqa: BLE001 - every escape is a finding
                 signal.alarm(0)
@@ -551,7 +596,8 @@ class Worker:
 
     def start(self):
         cmd = [sys.executable, __file__, "--_worker", "--seed", str(self.args.seed), "--mem-gb",
-               str(self.args.mem_gb), "--time-limit", str(self.args.time_limit)]
+               str(self.args.mem_gb), "--time-limit", str(self.args.time_limit), "--_sabotage", self.args._sabotage]
+        cmd += ["--quick"] if self.args.quick else []
         self.err = tempfile.TemporaryFile()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                   bufsize=1, cwd=ROOT)
@@ -584,7 +630,7 @@ def _died(w: Worker, how: str, args) -> dict:
     if not args.no_rerun:
         solo = Worker(args)
         solo.feed(i)
-        ready, _, _ = select.select([solo.p.stdout], [], [], args.time_limit + 30)
+        ready, _, _ = select.select([solo.p.stdout], [], [], args.time_limit + args.grace)
         line = solo.p.stdout.readline() if ready else ""
         if not ready:
             solo.p.kill()
@@ -617,7 +663,7 @@ def drive(args) -> list[dict]:
         ready, _, _ = select.select([w.p.stdout for w in busy], [], [], 1.0)
         for w in busy:
             if w.p.stdout not in ready:
-                if time.time() - w.started > args.time_limit + 30:  # the alarm did not fire: stuck in native code
+                if time.time() - w.started > args.time_limit + args.grace:  # no alarm fired: stuck in native code
                     w.p.kill()
                     w.p.wait()
                     results.append(_died(w, "hang (killed)", args))
@@ -685,11 +731,16 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-gb", type=float, default=3.0, help="address space each worker may add to its baseline")
     ap.add_argument("--time-limit", type=int, default=90, help="seconds per case")
     ap.add_argument("--no-rerun", action="store_true", help="do not re-run a crashing case alone")
+    ap.add_argument("--quick", action="store_true",
+                    help="the real GGUF's cases only through the header-only tokenizer reader (for the tests)")
     ap.add_argument("--json", default=None, help="write every result here")
+    ap.add_argument("--grace", type=int, default=30, help="seconds past the time limit before a stuck worker is killed")
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_sabotage", default="", help=argparse.SUPPRESS)  # e.g. crash:3,hang:5,alloc:7
     args = ap.parse_args(argv)
     if args._worker:
-        worker(args.seed, args.mem_gb, args.time_limit)
+        sabotage = dict((int(c), w) for w, c in (x.split(":") for x in args._sabotage.split(",") if x))
+        worker(args.seed, args.mem_gb, args.time_limit, args.quick, sabotage)
         return 0
     t0 = time.time()
     results = drive(args)

@@ -344,6 +344,12 @@ def _codepoints(tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return lengths, codes
 
 
+# derive_merges holds ~12 bytes per (piece, character position) cell: 2**26 cells, 0.8 GB, allow a 262k
+# vocabulary pieces of up to 256 characters (a crafted vocabulary with one long piece would otherwise ask for
+# terabytes)
+_MAX_CODE_CELLS = 1 << 26
+
+
 def derive_merges(tokens: list[str], scores) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece's score-driven pair joining.
 
@@ -359,6 +365,10 @@ def derive_merges(tokens: list[str], scores) -> list[tuple[str, str]]:
     n = len(tokens)
     if n == 0:
         return []
+    width = max(len(t) for t in tokens)
+    if n * width > _MAX_CODE_CELLS:  # the arrays below are n x width: refuse before allocating them
+        raise TokenizerError(f"a vocabulary of {n} pieces up to {width} characters long is too large to derive "
+                             f"merges from ({n * width:,} > {_MAX_CODE_CELLS:,} cells; Gemma 3's is 262,144 x 31)")
     scores = np.asarray(scores, dtype=np.float64)
     lengths, codes = _codepoints(tokens)
     width = codes.shape[1]

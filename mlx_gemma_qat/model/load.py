@@ -71,14 +71,16 @@ def load_weights(path: Path) -> dict[str, mx.array]:
             if name in weights:
                 raise ModelLoadError(f"{f}: tensor {name} is also in another weight file")
             if a.dtype not in (mx.uint32, mx.float16, mx.bfloat16, mx.float32):
-                raise ModelLoadError(f"{f}: tensor {name} has dtype {a.dtype}, not one an MLX model folder holds "
+                dtype = str(a.dtype).removeprefix("mlx.core.")
+                raise ModelLoadError(f"{f}: tensor {name} has dtype {dtype}, not one an MLX model folder holds "
                                      "(packed uint32, float16, bfloat16, float32)")
         weights.update(arrays)
     for name, a in weights.items():  # packed weights come with scales, and only they are uint32
         base = name.removesuffix(".weight")
         packed = name.endswith(".weight") and f"{base}.scales" in weights
         if (a.dtype == mx.uint32) != packed:
-            what = "a packed (uint32) weight without scales" if not packed else f"quantized, but stored as {a.dtype}"
+            what = "a packed (uint32) weight without scales" if not packed else (
+                f"quantized, but stored as {str(a.dtype).removeprefix('mlx.core.')}")
             raise ModelLoadError(f"{path}: tensor {name} is {what}")
     return weights
 
