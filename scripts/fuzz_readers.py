@@ -541,14 +541,15 @@ def _sabotage(what: str, mem_gb: float) -> None:
         np.ones(int((mem_gb + 1) * (1 << 30)), dtype=np.uint8)  # fits the machine, not the cap
 
 
-def worker(seed: int, mem_gb: float, time_limit: int, quick: bool = False, sabotage: dict | None = None) -> None:
+def worker(seed: int, mem_gb: float, time_limit: int, quick: bool = False, sabotage: dict | None = None,
+           workdir: str | None = None) -> None:
     sabotage = sabotage or {}
     import resource
     import signal
     import warnings
 
     warnings.simplefilter("ignore")
-    work = Path(tempfile.mkdtemp(prefix="fuzz-worker-"))
+    work = Path(tempfile.mkdtemp(prefix="fuzz-worker-", dir=workdir))
     try:
         seeds = make_seeds(work)
         seeds["quick"] = quick
@@ -596,7 +597,8 @@ class Worker:
 
     def start(self):
         cmd = [sys.executable, __file__, "--_worker", "--seed", str(self.args.seed), "--mem-gb",
-               str(self.args.mem_gb), "--time-limit", str(self.args.time_limit), "--_sabotage", self.args._sabotage]
+               str(self.args.mem_gb), "--time-limit", str(self.args.time_limit), "--_sabotage", self.args._sabotage,
+               "--_workdir", self.args._workdir]
         cmd += ["--quick"] if self.args.quick else []
         self.err = tempfile.TemporaryFile()
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
@@ -737,13 +739,18 @@ def main(argv=None) -> int:
     ap.add_argument("--grace", type=int, default=30, help="seconds past the time limit before a stuck worker is killed")
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_sabotage", default="", help=argparse.SUPPRESS)  # e.g. crash:3,hang:5,alloc:7
+    ap.add_argument("--_workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         sabotage = dict((int(c), w) for w, c in (x.split(":") for x in args._sabotage.split(",") if x))
-        worker(args.seed, args.mem_gb, args.time_limit, args.quick, sabotage)
+        worker(args.seed, args.mem_gb, args.time_limit, args.quick, sabotage, args._workdir)
         return 0
     t0 = time.time()
-    results = drive(args)
+    args._workdir = tempfile.mkdtemp(prefix="fuzz-readers-")  # every worker's files, removed even after crashes
+    try:
+        results = drive(args)
+    finally:
+        shutil.rmtree(args._workdir, ignore_errors=True)
     print(summary(results, args, time.time() - t0))
     if args.only is not None:
         for r in results:
