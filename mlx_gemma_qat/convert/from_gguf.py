@@ -64,7 +64,7 @@ def reading(path, error: type[ValueError] | None = None):
         raise
     except Exception as e:
         if is_ours(e):
-            if str(path) in str(e):
+            if str(path) in str(e) or type(e).__module__.endswith(".writer"):  # named, or about OUT, not the source
                 raise
             try:
                 named = type(e)(f"{path}: {e}")
