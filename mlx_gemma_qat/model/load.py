@@ -20,8 +20,8 @@ from mlx.utils import tree_map_with_path, tree_unflatten
 
 from .config import TextConfig
 from .multimodal import Model as MultimodalModel
-from .quantized import Embedding, Linear, QuantizedEmbedding, quantized_like
 from .multimodal import MultimodalConfig, is_multimodal
+from .quantized import Embedding, Linear, QuantizedEmbedding, quantized_like
 from .text import Model
 
 
