@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool = False):
+def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool = False, adapter_path=None):
     """Return ``(model, tokenizer)`` like ``mlx_lm.load``.
 
     ``path_or_repo``: an MLX folder, a GGUF file, a Hugging Face folder or repo id; None for the
@@ -19,6 +19,7 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool =
     ``dtype``: compute dtype, by default float32 on the CPU and bfloat16 on a GPU.
     ``widen``: hold float16/bfloat16 weights (and quantization scales) as float32 copies: exact, faster on
     the CPU, more memory. Default: on when computing in float32 (the CPU); off keeps the stored precision.
+    ``adapter_path``: a LoRA adapter folder (``mlx-gemma lora``) to run with, checked against the model.
     """
     from mlx_lm.utils import load_tokenizer
 
@@ -27,6 +28,10 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool =
 
     folder = resolve_model(path_or_repo, mmproj=mmproj)
     model = load_model(folder, dtype=dtype, lazy=lazy, widen=widen)
+    if adapter_path is not None:
+        from .lora.adapters import load_adapters
+
+        load_adapters(model, adapter_path, warn=None)
     eos = read_config(folder).get("eos_token_id")
     tokenizer = load_tokenizer(folder, eos_token_ids=eos if isinstance(eos, list) else None)
     return model, tokenizer

@@ -1,4 +1,4 @@
-"""The ``mlx-gemma`` command line: convert, generate, chat, cache-prompt, inspect."""
+"""The ``mlx-gemma`` command line: convert, generate, chat, cache-prompt, inspect, lora, fuse."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def _widen_option(fn):
         "--widen/--no-widen", default=None,
         help="Hold float16 weights and scales as float32 copies: exact, faster on the CPU, more memory "
              "(default: on with float32 compute, i.e. the CPU; --no-widen keeps the file's precision).")(fn)
+
+
+def _adapter_option(fn):
+    return click.option("--adapter-path", type=click.Path(file_okay=False), default=None,
+                        help="Run with a LoRA adapter folder made by `mlx-gemma lora` (checked against the model).")(fn)
 
 
 @click.group()
@@ -99,16 +104,17 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
                    "cached prefix are prefilled.")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
 @_widen_option
+@_adapter_option
 @_clean_errors
 def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
-             prefill_step, kv_bits, kv_group_size, prompt_cache, stats, widen):
+             prefill_step, kv_bits, kv_group_size, prompt_cache, stats, widen, adapter_path):
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import format_stats, stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 seed=seed, chat=chat, system=system, images=list(images) or None, pan_and_scan=pan_and_scan,
@@ -138,9 +144,10 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @_kv_options
 @click.option("--stats", is_flag=True, help="Print prompt/decode speed and cache use after each reply.")
 @_widen_option
+@_adapter_option
 @_clean_errors
 def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, kv_bits,
-         kv_group_size, stats, widen):
+         kv_group_size, stats, widen, adapter_path):
     """Chat in the terminal; the KV cache carries over between turns.
 
     Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
@@ -149,7 +156,7 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     from .chat import ChatSession
     from .generate import format_stats
 
-    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size))
     pending = list(images)
@@ -230,6 +237,114 @@ def inspect(path, context, kv_bits, kv_group_size):
     from .inspect import format_report, inspect_path
 
     click.echo(format_report(inspect_path(path), context, int(kv_bits) if kv_bits else None, kv_group_size))
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@click.option("--data", required=True,
+              help="Folder with train.jsonl and valid.jsonl (test.jsonl for --test), or a Hugging Face dataset id. "
+                   "Records: {text}, {prompt, completion} or {messages} (chat; images as generate takes them).")
+@click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the adapter, its checkpoints, metrics.jsonl and loss-curve.png.")
+@click.option("--kind", type=click.Choice(["pooled", "lora"]), default="pooled", show_default=True,
+              help="pooled: group-pooled (QA-LoRA), fuses exactly into the quantized layers' biases; "
+                   "lora: standard LoRA (fusing re-rounds onto the layer's grid).")
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--scale", type=float, default=20.0, show_default=True, help="Multiplier of the adapter's update.")
+@click.option("--dropout", type=float, default=0.0, show_default=True)
+@click.option("--num-layers", type=int, default=16, show_default=True, help="Adapt the last N blocks (-1: all).")
+@click.option("--keys", default=None,
+              help="Comma-separated linear layers to adapt in each block (e.g. q_proj,v_proj; default: all).")
+@click.option("--adapt-embedding", is_flag=True, help="Adapt the tied embedding / output head too.")
+@click.option("--iters", type=int, default=100, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step (over all processes).")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches accumulated per step.")
+@click.option("--learning-rate", type=float, default=1e-4, show_default=True)
+@click.option("--warmup", type=int, default=0, show_default=True, help="Linear warmup steps (then cosine decay).")
+@click.option("--min-lr-ratio", type=float, default=0.0, show_default=True, help="Cosine end, as a fraction of the peak.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--max-grad-norm", type=float, default=0.0, show_default=True, help="Clip the gradient norm (0: off).")
+@click.option("--max-seq-length", type=int, default=2048, show_default=True, help="Longer sequences are cut (warned).")
+@click.option("--mask-prompt/--no-mask-prompt", default=True, show_default=True,
+              help="Loss on completions / assistant turns only.")
+@click.option("--pack", is_flag=True, help="Pack sequences into full --max-seq-length rows (else batched by length).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--grad-checkpoint", is_flag=True, help="Recompute each block in the backward pass (less memory).")
+@click.option("--val-every", type=int, default=50, show_default=True, help="Steps between validations.")
+@click.option("--val-batches", type=int, default=25, show_default=True, help="Validation batches (-1: all).")
+@click.option("--save-every", type=int, default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--report-every", type=int, default=10, show_default=True, help="Steps between metrics lines.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --adapter-path (bit-identical).")
+@click.option("--test", is_flag=True, help="Report the loss on test.jsonl at the end.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
+@_widen_option
+@_clean_errors
+def lora(model, data, adapter_path, kind, rank, scale, dropout, num_layers, keys, adapt_embedding, iters, batch_size,
+         grad_accum, learning_rate, warmup, min_lr_ratio, weight_decay, max_grad_norm, max_seq_length, mask_prompt, pack,
+         seed, grad_checkpoint, val_every, val_batches, save_every, report_every, resume, test, dtype, widen):
+    """Fine-tune a LoRA adapter on the quantized model (base frozen, on this machine; mlx.launch for several)."""
+    from .lora import finetune
+
+    adapter = dict(kind=kind, rank=rank, scale=scale, dropout=dropout, num_layers=num_layers,
+                   keys=[k.strip() for k in keys.split(",") if k.strip()] if keys else None, embedding=adapt_embedding)
+    train_cfg = dict(iters=iters, batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
+                     warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                     max_seq_length=max_seq_length, mask_prompt=mask_prompt, pack=pack, seed=seed,
+                     grad_checkpoint=grad_checkpoint, val_every=val_every, val_batches=val_batches,
+                     save_every=save_every, report_every=report_every)
+    log = functools.partial(click.echo, err=True)
+    r = finetune(model, data, adapter_path, adapter=adapter, train_config=train_cfg, resume=resume, dtype=dtype,
+                 widen=widen, test=test, log=log)
+    parts = [f"{r.steps} steps", f"train loss {r.train_loss:.4f}"]
+    if r.val_loss is not None:
+        parts.append(f"validation loss {r.first_val_loss:.4f} -> {r.val_loss:.4f}" if r.first_val_loss is not None
+                     else f"validation loss {r.val_loss:.4f}")
+    if r.test_loss is not None:
+        parts.append(f"test loss {r.test_loss:.4f}")
+    parts += [f"{r.tokens_per_s:.1f} tokens/s", f"peak {r.peak_memory_gb:.2f} GB"]
+    click.echo(", ".join(parts))
+    click.echo(f"adapter: {r.adapter_path}")
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@click.option("--adapter-path", required=True, type=click.Path(file_okay=False), help="Adapter folder (mlx-gemma lora).")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Fused MLX folder to write.")
+@click.option("--gguf", "gguf_out", default=None, type=click.Path(dir_okay=False),
+              help="Also export the fused model as a GGUF (llama.cpp / Ollama).")
+@click.option("--base-gguf", default=None, type=click.Path(dir_okay=False),
+              help="The base model's GGUF (tokenizer and metadata for --gguf; default: the one the model came from).")
+@click.option("--data", default=None,
+              help="Validation data (as for lora): report the loss with the adapter at run time and after fusing.")
+@click.option("--val-batches", type=int, default=25, show_default=True, help="Validation batches for --data (-1: all).")
+@click.option("--force", is_flag=True, help="Replace --out / --gguf if they exist.")
+@_clean_errors
+def fuse(model, adapter_path, out, gguf_out, base_gguf, data, val_batches, force):
+    """Fuse an adapter into the model on its own quantization grid (group-pooled: exactly), optionally to GGUF."""
+    from .lora.fuse import fuse as run
+    from .models_cache import resolve_model
+
+    folder = resolve_model(model)
+    run(folder, adapter_path, out, force=force)
+    click.echo(f"fused model: {out}")
+    if data:
+        from . import load
+        from .lora import TrainConfig, datasets, evaluate
+
+        cfg = TrainConfig(batch_size=1, max_seq_length=2048)
+        before, tok = load(folder, adapter_path=adapter_path)
+        valid = datasets(data, tok, cfg, model=before, splits=("valid",))["valid"]
+        a = evaluate(before, valid, val_batches, cfg)
+        del before
+        after, _ = load(out)
+        b = evaluate(after, valid, val_batches, cfg)
+        click.echo(f"validation loss: adapter at run time {a:.5f}, fused {b:.5f} ({b - a:+.5f})")
+    if gguf_out:
+        from .convert.to_gguf import export_gguf
+
+        export_gguf(out, gguf_out, base_gguf=base_gguf, force=force)
+        click.echo(f"GGUF: {gguf_out}")
 
 
 if __name__ == "__main__":

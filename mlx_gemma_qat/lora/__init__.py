@@ -1,0 +1,64 @@
+"""LoRA fine-tuning on the quantized model: adapters (layers.py, adapters.py), data (data.py), training
+(trainer.py), fusing (fuse.py); GGUF export of a fused folder is convert/to_gguf.py.
+
+    from mlx_gemma_qat.lora import finetune
+    result = finetune(None, "data/", "adapters/", adapter={"kind": "pooled", "rank": 8}, train={"iters": 200})
+"""
+
+from __future__ import annotations
+
+from .adapters import AdapterConfig, AdapterError, apply_adapters, load_adapters, save_adapters
+from .layers import KINDS
+from .trainer import TrainConfig, TrainingError, TrainResult, evaluate, train
+
+
+def _config(cls, value):
+    if value is None:
+        return cls()
+    return value if isinstance(value, cls) else cls.from_dict(dict(value))
+
+
+def datasets(data, tokenizer, train_cfg: TrainConfig, *, model=None, splits=("train", "valid"), warn=print,
+             rank: int = 0, world: int = 1) -> dict:
+    """``data.Batches`` for each split present (train shuffled by the run's seed; the others in a fixed order)."""
+    from ..generate import image_token_ids
+    from .data import Batches, encode, load_splits
+
+    records = load_splits(data, splits=splits, required=(splits[0],))
+    ids = image_token_ids(model) if model is not None else None
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    out = {}
+    for name in splits:
+        if name not in records:
+            continue
+        ex = encode(records[name], tokenizer, mask_prompt=train_cfg.mask_prompt, image_ids=ids, source=name)
+        out[name] = Batches(ex, train_cfg.batch_size, train_cfg.max_seq_length, seed=train_cfg.seed if name == "train" else 0,
+                            pack=train_cfg.pack and name == "train", pad_id=pad, rank=rank, world=world,
+                            warn=warn if name == "train" else (lambda *_: None))
+    return out
+
+
+def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, train_config=None, resume: bool = False,
+             dtype=None, widen=None, test: bool = False, progress: bool = True, log=print, stop_after=None) -> TrainResult:
+    """Train an adapter on ``model`` (path, GGUF, repo id; None: the embedded 270M) with the JSONL data of
+    ``data`` (a folder with train/valid[/test].jsonl, or a hub dataset id). ``adapter``: AdapterConfig or dict
+    (kind, rank, scale, dropout, num_layers, keys, embedding); ``train_config``: TrainConfig or dict."""
+    import mlx.core as mx
+
+    from .. import load
+
+    a_cfg, t_cfg = _config(AdapterConfig, adapter), _config(TrainConfig, train_config)
+    m, tok = load(model, dtype=dtype, widen=widen)
+    group = mx.distributed.init() if mx.distributed.is_available() else None
+    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
+    sets = datasets(data, tok, t_cfg, model=m, rank=rank, world=world,
+                    splits=("train", "valid", "test") if test else ("train", "valid"), warn=log)
+    result = train(m, sets["train"], sets.get("valid"), adapter_path, a_cfg, t_cfg, resume=resume, progress=progress,
+                   log=log, stop_after=stop_after)
+    if test and "test" in sets:
+        result.test_loss = evaluate(m, sets["test"], -1, t_cfg)
+    return result
+
+
+__all__ = ["AdapterConfig", "AdapterError", "TrainConfig", "TrainResult", "TrainingError", "KINDS", "finetune",
+           "datasets", "train", "evaluate", "apply_adapters", "load_adapters", "save_adapters"]

@@ -1,0 +1,393 @@
+"""LoRA training on the frozen quantized model: AdamW, warmup + cosine schedule, gradient accumulation,
+gradient checkpointing, validation, checkpoints that resume bit for bit, data parallelism over mx.distributed.
+
+Loss: the cross-entropy *summed* over target tokens, divided by the number of target tokens of the whole
+step (every micro-batch of the accumulation, every rank). So accumulating A micro-batches, or splitting a
+batch over W processes, gives the gradient of the combined batch (up to float summation order).
+
+Everything a step depends on is a pure function of (seed, step): the batch (data.Batches.batch), the dropout
+key (seeded per step), the schedule (from the optimizer's step counter). A checkpoint stores the adapter, the
+optimizer state (moments and step) and the step; resuming from it continues exactly as if never stopped.
+
+The output head over Gemma's 262,144-token vocabulary is evaluated in chunks of positions, each under
+``mx.checkpoint``: one chunk's logits are alive at a time, in the forward and in the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .adapters import (AdapterConfig, AdapterError, adapter_layers, adapter_weights, apply_adapters, check_identity, save_adapters,
+                       save_json, save_safetensors, set_adapter_weights, text_model)
+
+METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss-curve.png"
+CHECKPOINTS, LATEST = "checkpoints", "latest"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not fit this run)."""
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 100
+    batch_size: int = 4            # the global batch (split over data-parallel ranks)
+    grad_accum: int = 1            # micro-batches per optimizer step
+    learning_rate: float = 1e-4
+    warmup: int = 0                # steps of linear warmup from 0
+    min_lr_ratio: float = 0.0      # the cosine decays to learning_rate * this at the last step
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0     # clip the global gradient norm (0: off)
+    max_seq_length: int = 2048
+    mask_prompt: bool = True
+    pack: bool = False
+    seed: int = 0
+    grad_checkpoint: bool = False
+    loss_chunk: int = 128          # positions per chunk of the output head
+    val_every: int = 50            # steps between validations (0: only at the end)
+    val_batches: int = 25          # -1: the whole validation set
+    save_every: int = 100          # steps between checkpoints (0: only at the end)
+    report_every: int = 10
+
+    # what may differ between a run and its resumption without changing the result
+    _FREE = ("val_every", "val_batches", "save_every", "report_every")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**{k: d[k] for k in (f.name for f in fields(cls)) if k in d})
+
+
+def schedule(cfg: TrainConfig):
+    """Linear warmup from 0 to the peak, then a cosine decay to ``min_lr_ratio`` of it at the last step."""
+    peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    decay = optim.cosine_decay(peak, max(cfg.iters - cfg.warmup, 1), end)
+    if cfg.warmup <= 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, cfg.warmup), decay], [cfg.warmup])
+
+
+def _checkpointed(module: nn.Module, fn):
+    """``fn(*args)`` under mx.checkpoint, with ``module``'s trainable parameters as inputs (so they get gradients)."""
+    def inner(params, *args):
+        module.update(params)
+        return fn(*args)
+
+    ck = mx.checkpoint(inner)
+    return lambda *args: ck(module.trainable_parameters(), *args)
+
+
+def _hidden(model, inputs: mx.array, images: list | None, grad_checkpoint: bool) -> mx.array:
+    """Final hidden states of a batch (a batch with images goes through the vision tower, frozen)."""
+    text = text_model(model)
+    inner = text.model
+    groups = None
+    if images and any(images):
+        if inputs.shape[0] != 1:
+            raise ValueError("rows with images are run one at a time")
+        from ..image import preprocess_all
+
+        pixels, _ = preprocess_all(list(images[0]), model.mcfg.vision.image_size)
+        h, groups = model.embed_prompt(np.array(inputs[0]), mx.stop_gradient(mx.array(pixels)))
+        h = mx.stop_gradient(h) if not _embedding_adapted(text) else h
+        groups = groups if groups is not None else None
+    else:
+        h = inner.embed(inputs)
+    masks = inner._masks(h.shape[1], None, groups)
+    for i, layer in enumerate(inner.layers):
+        mask = masks[inner.cfg.is_sliding(i)]
+        if grad_checkpoint:
+            h = _checkpointed(layer, lambda x, m=mask, lay=layer: lay(x, m))(h)
+        else:
+            h = layer(h, mask)
+    return inner.norm(h)
+
+
+def _embedding_adapted(text) -> bool:
+    return bool(text.model.embed_tokens.trainable_parameters())
+
+
+def _chunk_nll(text, h: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+    targets, weights = mx.stop_gradient(targets), mx.stop_gradient(weights)  # inputs of mx.checkpoint
+    logits = text.head(h).astype(mx.float32)
+    nll = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return (nll * weights).sum()
+
+
+def batch_loss(model, inputs, targets, weights, images=None, *, grad_checkpoint=False, chunk=128):
+    """(summed cross-entropy over target tokens, number of target tokens) of one batch."""
+    text = text_model(model)
+    if images and any(images) and inputs.shape[0] > 1:
+        parts = [batch_loss(model, inputs[i:i + 1], targets[i:i + 1], weights[i:i + 1], [images[i]],
+                            grad_checkpoint=grad_checkpoint, chunk=chunk) for i in range(inputs.shape[0])]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    h = _hidden(model, inputs, images, grad_checkpoint)
+    head = _checkpointed(text.model.embed_tokens if text.cfg.tie_word_embeddings else text.lm_head,
+                         lambda hc, t, w: _chunk_nll(text, hc, t, w))
+    total = mx.array(0.0)
+    for s in range(0, h.shape[1], chunk):
+        total = total + head(h[:, s:s + chunk], targets[:, s:s + chunk], weights[:, s:s + chunk])
+    return total, weights.sum()
+
+
+class _World:
+    """The data-parallel group (one process when mlx.launch did not start this one)."""
+
+    def __init__(self):
+        self.group = mx.distributed.init() if mx.distributed.is_available() else None
+        self.size = self.group.size() if self.group is not None else 1
+        self.rank = self.group.rank() if self.group is not None else 0
+
+    def sum(self, tree):
+        if self.size == 1:
+            return tree
+        return tree_map(lambda x: mx.distributed.all_sum(x, group=self.group), tree)
+
+
+def _to_arrays(batch):
+    inputs, targets, weights, images = batch
+    return mx.array(inputs), mx.array(targets), mx.array(weights), images
+
+
+def evaluate(model, batches, n: int, cfg: TrainConfig, world: _World | None = None) -> float:
+    """Mean cross-entropy per target token over the first ``n`` batches (-1: all) of ``batches``."""
+    world = world or _World()
+    n = len(batches) if n < 0 else min(n, len(batches))
+    total, count = mx.array(0.0), mx.array(0.0)
+    was_training = model.training
+    model.eval()
+    for k in range(n):
+        s, c = batch_loss(model, *_to_arrays(batches.batch(k)), chunk=cfg.loss_chunk)
+        total, count = total + s, count + c
+        mx.eval(total, count)
+    total, count = world.sum((total, count))
+    if was_training:
+        model.train()
+    return float(total.item() / max(count.item(), 1.0))
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def _checkpoint_dir(adapter_path: Path) -> Path:
+    return adapter_path / CHECKPOINTS
+
+
+def save_checkpoint(adapter_path: Path, step: int, model, optimizer, adapter_cfg, train_cfg, extra: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically: into a ``.partial`` folder, renamed when complete, then the
+    ``latest`` pointer is replaced (an interrupted save leaves the previous checkpoint as the latest)."""
+    root = _checkpoint_dir(adapter_path)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = root / f"{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_safetensors(tmp / "adapters.safetensors", adapter_weights(model))
+    save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+    save_json(tmp / "state.json", {"step": step, "adapter": asdict(adapter_cfg), "train": asdict(train_cfg),
+                                   **extra})
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / LATEST
+    tmp_ptr = root / f".{LATEST}.tmp"
+    tmp_ptr.write_text(name)
+    os.replace(tmp_ptr, pointer)
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(adapter_path: Path) -> Path | None:
+    pointer = _checkpoint_dir(adapter_path) / LATEST
+    if not pointer.is_file():
+        return None
+    p = _checkpoint_dir(adapter_path) / pointer.read_text().strip()
+    return p if (p / "state.json").is_file() else None
+
+
+def _resume(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, train_cfg: TrainConfig) -> tuple[int, dict]:
+    ck = latest_checkpoint(adapter_path)
+    if ck is None:
+        raise TrainingError(f"--resume: no checkpoint in {_checkpoint_dir(adapter_path)}")
+    state = json.loads((ck / "state.json").read_text())
+    saved_adapter = AdapterConfig.from_dict(state["adapter"])
+    check_identity(model, saved_adapter, ck)
+    mine, theirs = asdict(adapter_cfg), asdict(saved_adapter)
+    diff = [k for k in mine if k not in ("layers", "base_model") and mine[k] != theirs.get(k)]
+    t_mine, t_theirs = asdict(train_cfg), state["train"]
+    diff += [k for k in t_mine if k not in TrainConfig._FREE and t_mine[k] != t_theirs.get(k)]
+    if diff:
+        raise TrainingError(f"--resume: {ck} was written with different settings ({', '.join(diff)}); "
+                            "resume with the same ones (only reporting, validation and save intervals may change)")
+    set_adapter_weights(model, mx.load(str(ck / "adapters.safetensors")), ck)
+    opt_state = mx.load(str(ck / "optimizer.safetensors"))
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    return int(state["step"]), state
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    first_val_loss: float | None
+    tokens_per_s: float
+    peak_memory_gb: float
+    adapter_path: Path
+    test_loss: float | None = None
+
+
+def _write_plot(adapter_path: Path, metrics: list[dict]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    tr = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
+    va = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train")
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = adapter_path / PLOT_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig, train_cfg: TrainConfig, *,
+          resume: bool = False, progress: bool = True, log=print, stop_after: int | None = None) -> TrainResult:
+    """Train adapters on ``model`` (loaded by model/load.py) from ``data.Batches`` of the train and validation
+    sets (built with this run's batch size, seed and rank). Writes the adapter, metrics and checkpoints under
+    ``adapter_path``. ``stop_after``: stop (as if interrupted) after that many steps of this call."""
+    from tqdm import tqdm
+
+    world = _World()
+    main = world.rank == 0
+    adapter_path = Path(adapter_path)
+    if not adapter_layers(model):
+        mx.random.seed(train_cfg.seed)  # the adapters' initial values: the same on every rank and every run
+        adapter_cfg = apply_adapters(model, adapter_cfg, warn=log if main else None)
+    model.train()
+    opt = optim.AdamW(learning_rate=schedule(train_cfg), weight_decay=train_cfg.weight_decay)
+    opt.init(text_model(model).trainable_parameters())
+    metrics_file = adapter_path / METRICS_FILE
+    metrics: list[dict] = []
+    start = 0
+    if resume:
+        start, _ = _resume(adapter_path, model, opt, adapter_cfg, train_cfg)
+        if metrics_file.is_file():
+            metrics = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start]
+    elif main and latest_checkpoint(adapter_path) is not None:
+        raise TrainingError(f"{adapter_path} holds checkpoints of an earlier run: pass --resume to continue it, "
+                            "or choose another --adapter-path")
+    if main:
+        adapter_path.mkdir(parents=True, exist_ok=True)
+        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+    loss_and_grad = nn.value_and_grad(text_model(model), lambda *a, **k: batch_loss(model, *a, **k))
+
+    def log_metric(m):
+        metrics.append(m)
+        if main:
+            with open(metrics_file, "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+
+    def validate(step):
+        if valid_set is None:
+            return None
+        v = evaluate(model, valid_set, train_cfg.val_batches, train_cfg, world)
+        log_metric({"step": step, "val_loss": v})
+        return v
+
+    first_val = None
+    if start == 0:
+        first_val = validate(0)
+    else:
+        first_val = next((m["val_loss"] for m in metrics if "val_loss" in m and m["step"] == 0), None)
+    end = train_cfg.iters if stop_after is None else min(train_cfg.iters, start + stop_after)
+    bar = tqdm(total=train_cfg.iters, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
+    mx.reset_peak_memory()
+    tokens, t0, window_loss, window_n, last_train = 0, time.perf_counter(), 0.0, 0.0, float("nan")
+    trained_tokens = int(next((m.get("trained_tokens", 0) for m in reversed(metrics) if "trained_tokens" in m), 0))
+    val = None
+    for step in range(start, end):
+        mx.random.seed(train_cfg.seed * 1_000_003 + step * 7919 + world.rank)
+        grads, lsum, ntok = None, mx.array(0.0), mx.array(0.0)
+        for micro in range(train_cfg.grad_accum):
+            inputs, targets, weights, images = _to_arrays(train_set.batch(step * train_cfg.grad_accum + micro))
+            (s, n), g = loss_and_grad(inputs, targets, weights, images,
+                                      grad_checkpoint=train_cfg.grad_checkpoint, chunk=train_cfg.loss_chunk)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            lsum, ntok = lsum + s, ntok + n
+            mx.eval(grads, lsum, ntok)
+        grads, lsum, ntok = world.sum((grads, lsum, ntok))
+        count = max(ntok.item(), 1.0)
+        loss = lsum.item() / count
+        if not math.isfinite(loss):
+            ck = latest_checkpoint(adapter_path)
+            bar.close()
+            raise TrainingError(f"the training loss became {loss} at step {step + 1}; nothing of that step was applied. "
+                                + (f"The last good checkpoint is {ck} (resume from it with a lower learning rate)."
+                                   if ck else "No checkpoint was written yet."))
+        grads = tree_map(lambda x: x / count, grads)
+        if train_cfg.max_grad_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, train_cfg.max_grad_norm)
+        opt.update(text_model(model), grads)
+        mx.eval(text_model(model).trainable_parameters(), opt.state)
+        tokens += int(ntok.item())
+        trained_tokens += int(ntok.item())
+        window_loss, window_n = window_loss + lsum.item(), window_n + ntok.item()
+        done = step + 1
+        bar.update(1)
+        if done % max(train_cfg.report_every, 1) == 0 or done == end:
+            dt = time.perf_counter() - t0
+            last_train = window_loss / max(window_n, 1.0)
+            m = {"step": done, "train_loss": last_train, "learning_rate": float(opt.learning_rate.item()),
+                 "tokens_per_s": tokens / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                 "trained_tokens": trained_tokens}
+            log_metric(m)
+            bar.set_postfix(loss=f"{last_train:.3f}", tok_s=f"{m['tokens_per_s']:.1f}",
+                            peak=f"{m['peak_memory_gb']:.2f}GB", refresh=False)
+            window_loss, window_n = 0.0, 0.0
+        if train_cfg.val_every and done % train_cfg.val_every == 0 and done != train_cfg.iters:
+            val = validate(done)
+            bar.write(f"step {done}: validation loss {val:.4f}") if main and progress and val is not None else None
+        if main and ((train_cfg.save_every and done % train_cfg.save_every == 0) or done == end):
+            save_checkpoint(adapter_path, done, model, opt, adapter_cfg, train_cfg, {"trained_tokens": trained_tokens})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if end == train_cfg.iters:
+        val = validate(train_cfg.iters)
+        if main:
+            save_adapters(model, adapter_cfg, adapter_path)
+            _write_plot(adapter_path, metrics)
+    model.eval()
+    return TrainResult(steps=end, train_loss=last_train, val_loss=val, first_val_loss=first_val,
+                       tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+                       peak_memory_gb=mx.get_peak_memory() / 1e9, adapter_path=adapter_path)
+
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "AdapterError", "train", "evaluate", "batch_loss",
+           "schedule", "save_checkpoint", "latest_checkpoint"]

@@ -1,0 +1,312 @@
+"""LoRA adapters, training, resume and fuse on the tiny fixture (quantized: Q4_0-grid linears, 4-bit embedding)."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_gemma_qat import load
+from mlx_gemma_qat.lora import AdapterConfig, AdapterError, TrainConfig, TrainingError, load_adapters, train
+from mlx_gemma_qat.lora.adapters import adapter_layers, adapter_weights, apply_adapters, save_adapters, text_model
+from mlx_gemma_qat.lora.fuse import fuse
+from mlx_gemma_qat.lora.trainer import batch_loss, latest_checkpoint
+
+TINY = Path(__file__).parent / "fixtures" / "tiny_gemma3"
+IDS = mx.array([[2, 10, 20, 30, 40, 50, 60, 70, 80, 90]])
+
+
+@pytest.fixture(scope="module")
+def qfolder(tmp_path_factory):
+    from mlx_gemma_qat.convert import convert
+
+    return convert(TINY, tmp_path_factory.mktemp("lora") / "m", embed_bits=4, progress=False)
+
+
+class PatternBatches:
+    """Deterministic learnable batches: every odd position is a function of the token before it."""
+
+    def __init__(self, n, batch, length, seed, nan_at=None):
+        r = np.random.default_rng(seed)
+        x = r.integers(3, 200, (n, batch, length + 1))
+        x[:, :, 1::2] = (x[:, :, 0:-1:2] * 7 + 3) % 200
+        self.x, self.nan_at = x.astype(np.int32), nan_at
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, k):
+        x = self.x[k % len(self.x)]
+        w = np.ones((x.shape[0], x.shape[1] - 1), np.float32)
+        if self.nan_at is not None and k >= self.nan_at:
+            w[0, 0] = np.nan
+        return x[:, :-1], x[:, 1:], w, [()] * x.shape[0]
+
+
+def _randomize(model, seed=3, a=0.05, b=0.01):
+    mx.random.seed(seed)
+    for m in adapter_layers(model).values():
+        m.lora_a = mx.random.normal(m.lora_a.shape) * a
+        m.lora_b = mx.random.normal(m.lora_b.shape) * b
+
+
+@pytest.mark.parametrize("kind", ["lora", "pooled"])
+def test_untrained_adapter_changes_nothing_and_base_is_frozen(qfolder, kind):
+    model, _ = load(qfolder)
+    ref = model(IDS)
+    cfg = apply_adapters(model, AdapterConfig(kind=kind, num_layers=-1, embedding=True))
+    assert len(cfg.layers) == 8 * 7 + 1 and set(cfg.layers.values()) == {kind}
+    assert mx.array_equal(model(IDS), ref).item()
+    names = set(adapter_weights(model))
+    assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names)  # the base is frozen
+
+
+def test_layer_selection_and_bad_options(qfolder):
+    model, _ = load(qfolder)
+    cfg = apply_adapters(model, AdapterConfig(num_layers=2, keys=["q_proj", "v_proj"]))
+    assert sorted(cfg.layers) == [f"model.layers.{i}.self_attn.{p}_proj" for i in (6, 7) for p in "qv"]
+    with pytest.raises(AdapterError, match="no linear layer named nope"):
+        apply_adapters(load(qfolder)[0], AdapterConfig(keys=["nope"]))
+    with pytest.raises(AdapterError, match="no layer to adapt"):
+        apply_adapters(load(qfolder)[0], AdapterConfig(num_layers=0))
+    assert len(apply_adapters(load(qfolder)[0], AdapterConfig(num_layers=99)).layers) == 8 * 7
+    with pytest.raises(AdapterError, match="kind"):
+        AdapterConfig(kind="qlora")
+
+
+def test_pooled_update_is_lora_with_a_constant_over_each_group(qfolder):
+    """A group-pooled adapter equals a standard one whose A repeats each pooled row over its group."""
+    pooled, _ = load(qfolder)
+    apply_adapters(pooled, AdapterConfig(kind="pooled", num_layers=1, keys=["up_proj"]))
+    _randomize(pooled)
+    plain, _ = load(qfolder)
+    apply_adapters(plain, AdapterConfig(kind="lora", num_layers=1, keys=["up_proj"]))
+    p, q = (adapter_layers(m)["model.layers.7.mlp.up_proj"] for m in (pooled, plain))
+    q.lora_a, q.lora_b = mx.repeat(p.lora_a, 32, axis=0), p.lora_b
+    np.testing.assert_allclose(np.array(pooled(IDS)), np.array(plain(IDS)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "pooled"])
+def test_gradients_match_finite_differences(qfolder, kind):
+    model, _ = load(qfolder)
+    apply_adapters(model, AdapterConfig(kind=kind, num_layers=2, embedding=True))
+    _randomize(model, a=0.05, b=0.02)
+    model.train()
+    x = mx.array(np.random.default_rng(0).integers(3, 200, (2, 13)).astype(np.int32))
+    args = (x[:, :-1], x[:, 1:], mx.ones((2, 12)))
+
+    def loss(m):
+        s, n = batch_loss(m, *args, chunk=5)
+        return s / n
+
+    (_, _), grads = nn.value_and_grad(text_model(model), lambda *a: batch_loss(model, *a, chunk=5))(*args)
+    grads = dict(tree_flatten(grads))
+    rng = np.random.default_rng(1)
+    layers = adapter_layers(model)
+    checked = 0
+    for name in ("model.layers.7.mlp.down_proj", "model.layers.6.self_attn.q_proj", "model.embed_tokens"):
+        layer = layers[name]
+        for attr in ("lora_a", "lora_b"):
+            w = np.array(getattr(layer, attr))
+            g = np.array(grads[f"{name}.{attr}"]) / 24.0  # batch_loss returns the sum over 24 target tokens
+            flat = np.argsort(-np.abs(g).ravel())[:2].tolist() + rng.integers(0, w.size, 1).tolist()
+            for idx in flat:
+                i = np.unravel_index(idx, w.shape)
+                eps = 3e-4
+                vals = []
+                for sgn in (1, -1):
+                    w2 = w.copy()
+                    w2[i] += sgn * eps
+                    setattr(layer, attr, mx.array(w2))
+                    vals.append(loss(model).item())
+                setattr(layer, attr, mx.array(w))
+                fd = (vals[0] - vals[1]) / (2 * eps)
+                assert abs(fd - g[i]) <= 5e-3 + 3e-2 * abs(g[i]), (name, attr, i, fd, g[i])
+                checked += 1
+    assert checked == 18
+
+
+def _run(folder, out, kind="pooled", iters=8, stop_after=None, resume=False, **kw):
+    model, _ = load(folder)
+    tcfg = TrainConfig(iters=iters, batch_size=4, learning_rate=2e-3, warmup=2, val_every=4, save_every=4,
+                       report_every=2, **kw)
+    acfg = AdapterConfig(kind=kind, num_layers=4, embedding=True, dropout=0.1)
+    return model, train(model, PatternBatches(6, 4, 24, 0), PatternBatches(2, 4, 24, 1), out, acfg, tcfg,
+                        progress=False, log=lambda *_: None, stop_after=stop_after, resume=resume)
+
+
+def test_training_lowers_validation_loss_and_writes_outputs(qfolder, tmp_path):
+    _, r = _run(qfolder, tmp_path / "a", iters=12)
+    assert r.val_loss < r.first_val_loss - 0.5
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "checkpoints"} <= names
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 4, 8, 12]
+    train_lines = [m for m in metrics if "train_loss" in m]
+    assert [m["step"] for m in train_lines] == [2, 4, 6, 8, 10, 12]
+    assert all(m["tokens_per_s"] > 0 and m["peak_memory_gb"] > 0 for m in train_lines)
+    lrs = [m["learning_rate"] for m in train_lines]
+    # the rate the last update of each line used: update k (1-based) uses schedule(k - 1); 2 warmup steps
+    # from 0, then a cosine over the remaining 10 to 0
+    want = [2e-3 * (k - 1) / 2 if k <= 2 else 1e-3 * (1 + np.cos(np.pi * (k - 3) / 10)) for k in (2, 4, 6, 8, 10, 12)]
+    np.testing.assert_allclose(lrs, want, rtol=1e-5)
+    # the saved adapter reloads, on the same model only
+    model, _ = load(qfolder, adapter_path=tmp_path / "a")
+    assert set(adapter_layers(model)) == set(json.loads((tmp_path / "a" / "adapter_config.json").read_text())["layers"])
+
+
+def test_resume_is_bit_identical(qfolder, tmp_path):
+    full, _ = _run(qfolder, tmp_path / "full", iters=8)
+    _run(qfolder, tmp_path / "half", iters=8, stop_after=3)
+    assert latest_checkpoint(tmp_path / "half").name == "step-0000003"
+    resumed, _ = _run(qfolder, tmp_path / "half", iters=8, resume=True)
+    a, b = adapter_weights(full), adapter_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert mx.array_equal(a[k], b[k]).item(), k
+    opt_a = mx.load(str(tmp_path / "full" / "checkpoints" / "step-0000008" / "optimizer.safetensors"))
+    opt_b = mx.load(str(tmp_path / "half" / "checkpoints" / "step-0000008" / "optimizer.safetensors"))
+    assert all(mx.array_equal(opt_a[k], opt_b[k]).item() for k in opt_a)
+    with pytest.raises(TrainingError, match="different settings.*learning_rate"):
+        model, _ = load(qfolder)
+        train(model, PatternBatches(6, 4, 24, 0), None, tmp_path / "half", AdapterConfig(kind="pooled", num_layers=4,
+              embedding=True, dropout=0.1), TrainConfig(iters=8, batch_size=4, learning_rate=1e-3), resume=True,
+              progress=False)
+    with pytest.raises(TrainingError, match="--resume"):  # a fresh run into a folder with checkpoints
+        _run(qfolder, tmp_path / "half", iters=8)
+
+
+def test_interrupted_checkpoint_keeps_the_last_good_one(qfolder, tmp_path, monkeypatch):
+    from mlx_gemma_qat.lora import trainer
+
+    _run(qfolder, tmp_path / "r", iters=8, stop_after=4)
+    good = latest_checkpoint(tmp_path / "r")
+    real = trainer.save_json
+
+    def dying(path, obj):
+        if Path(path).name == "state.json":
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    monkeypatch.setattr(trainer, "save_json", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(qfolder, tmp_path / "r", iters=8, resume=True)
+    assert latest_checkpoint(tmp_path / "r") == good
+    monkeypatch.setattr(trainer, "save_json", real)
+    _run(qfolder, tmp_path / "r", iters=8, resume=True)  # and resuming from it still works
+    assert latest_checkpoint(tmp_path / "r").name == "step-0000008"
+
+
+def test_nan_loss_stops_with_the_last_checkpoint(qfolder, tmp_path):
+    model, _ = load(qfolder)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6.*step-0000004"):
+        train(model, PatternBatches(6, 4, 24, 0, nan_at=5), None, tmp_path / "n", AdapterConfig(num_layers=2),
+              TrainConfig(iters=8, batch_size=4, save_every=4), progress=False, log=lambda *_: None)
+
+
+def test_adapter_from_another_model_is_refused(qfolder, tmp_path):
+    from mlx_gemma_qat.convert import convert
+
+    model, _ = load(qfolder)
+    cfg = apply_adapters(model, AdapterConfig(num_layers=2))
+    save_adapters(model, cfg, tmp_path / "ad")
+    other = convert(TINY, tmp_path / "other", progress=False)  # the same weights, another layout
+    with pytest.raises(AdapterError, match="trained on another model"):
+        load(other, adapter_path=tmp_path / "ad")
+    with pytest.raises(AdapterError, match="trained on another model"):
+        fuse(other, tmp_path / "ad", tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+    (tmp_path / "ad" / "adapters.safetensors").write_bytes(b"junk")
+    with pytest.raises(AdapterError, match="not a readable"):
+        load(qfolder, adapter_path=tmp_path / "ad")
+
+
+def _weights(folder):
+    return mx.load(str(next(Path(folder).glob("*.safetensors"))))
+
+
+def test_pooled_fuse_is_exact(qfolder, tmp_path):
+    model, _ = load(qfolder)
+    cfg = apply_adapters(model, AdapterConfig(kind="pooled", num_layers=-1, embedding=True))
+    _randomize(model)
+    save_adapters(model, cfg, tmp_path / "ad")
+    runtime = model(IDS)
+    report = fuse(qfolder, tmp_path / "ad", tmp_path / "fused", progress=False)
+    assert {r["how"] for r in report.values()} == {"biases (exact)"}
+    base, fused = _weights(qfolder), _weights(tmp_path / "fused")
+    assert base.keys() == fused.keys()
+    moved = {k for k in base if not mx.array_equal(base[k], fused[k]).item()}
+    assert moved == {f"model.{n.removeprefix('model.')}.biases" for n in cfg.layers}  # only biases, all of them
+    for name, layer in adapter_layers(model).items():
+        want = base[f"{name}.biases"].astype(mx.float32) + layer.delta()
+        assert fused[f"{name}.biases"].dtype == base[f"{name}.biases"].dtype
+        assert mx.array_equal(fused[f"{name}.biases"], want.astype(base[f"{name}.biases"].dtype)).item()
+    # the fused model is the runtime adapter up to that rounding: with the biases unrounded, equal in float32
+    fm, _ = load(tmp_path / "fused")
+    exact = {f"{n}.biases": base[f"{n}.biases"].astype(mx.float32) + layer.delta()
+             for n, layer in adapter_layers(model).items()}
+    from mlx.utils import tree_unflatten
+
+    fm.update(tree_unflatten(list(exact.items())))
+    np.testing.assert_allclose(np.array(fm(IDS)), np.array(runtime), atol=2e-4, rtol=1e-5)
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["mlx_gemma_qat"]["fused"]["kind"] == "pooled"
+
+
+def test_lora_fuse_rounds_onto_the_layer_grid(qfolder, tmp_path):
+    model, _ = load(qfolder)
+    cfg = apply_adapters(model, AdapterConfig(kind="lora", num_layers=2))
+    save_adapters(model, cfg, tmp_path / "zero")  # untrained: B = 0, a zero update
+    fuse(qfolder, tmp_path / "zero", tmp_path / "f0", progress=False)
+    base = _weights(qfolder)
+    assert all(mx.array_equal(base[k], v).item() for k, v in _weights(tmp_path / "f0").items())  # idempotent
+    _randomize(model, a=0.05, b=0.003)  # updates of about a grid step
+    save_adapters(model, cfg, tmp_path / "ad")
+    report = fuse(qfolder, tmp_path / "ad", tmp_path / "f1", progress=False)
+    fused = _weights(tmp_path / "f1")
+    for name, layer in adapter_layers(model).items():
+        assert mx.array_equal(fused[f"{name}.scales"], base[f"{name}.scales"]).item()
+        assert mx.array_equal(fused[f"{name}.biases"], base[f"{name}.biases"]).item()
+        s, b = base[f"{name}.scales"].astype(mx.float32), base[f"{name}.biases"].astype(mx.float32)
+        target = mx.dequantize(base[f"{name}.weight"], s, b, group_size=32, bits=4) + layer.delta()
+        got = mx.dequantize(fused[f"{name}.weight"], s, b, group_size=32, bits=4)
+        step, low = mx.repeat(s, 32, axis=1), mx.repeat(b, 32, axis=1)
+        lo, hi = mx.minimum(low - step / 2, low + 15.5 * step), mx.maximum(low - step / 2, low + 15.5 * step)
+        in_range = (target >= lo) & (target <= hi)  # Q4_0 scales may be negative
+        nearest = mx.abs(target - got) <= mx.abs(step) / 2 * (1 + 1e-5)
+        assert mx.all(nearest | ~in_range).item()  # the nearest grid point wherever the grid reaches
+        at_end = mx.isclose(got, low, atol=1e-6) | mx.isclose(got, low + 15 * step, atol=1e-6)
+        assert mx.all(in_range | at_end).item()  # else the end of the grid it passed
+        assert in_range.astype(mx.float32).mean().item() > 0.9
+        assert report[name]["changed_fraction"] < 0.5
+    assert np.mean([r["changed_fraction"] for r in report.values()]) > 0.01
+
+
+def test_cli_lora_fuse_generate(qfolder, tmp_path):
+    """The commands end to end on JSONL data (needs lora/data.py)."""
+    pytest.importorskip("mlx_gemma_qat.lora.data")
+    from click.testing import CliRunner
+
+    from mlx_gemma_qat.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": f"Say {w}", "completion": f"{w} {w} {w}"} for w in ["red", "green", "blue", "black", "white", "gray"]]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    run = CliRunner().invoke
+    r = run(main, ["lora", "-m", str(qfolder), "--data", str(data), "--adapter-path", str(tmp_path / "ad"), "--iters", "6",
+                   "--batch-size", "2", "--num-layers", "2", "--learning-rate", "1e-3", "--val-every", "3"])
+    assert r.exit_code == 0, r.output
+    assert "validation loss" in r.output and (tmp_path / "ad" / "adapters.safetensors").is_file()
+    r = run(main, ["fuse", "-m", str(qfolder), "--adapter-path", str(tmp_path / "ad"), "-o", str(tmp_path / "fused"),
+                   "--data", str(data)])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("validation loss"))
+    a, b = (float(x.split()[-1].strip(",")) for x in line.split(", fused")[0:1] + [line.split(", fused")[1].split()[0]])
+    assert abs(a - b) < 1e-3  # exact up to the float16 rounding of the fused biases
+    for extra in ([], ["--adapter-path", str(tmp_path / "ad")]):
+        r = run(main, ["generate", "-m", str(qfolder), "-p", "Say red", "-n", "4", "--no-stats", *extra])
+        assert r.exit_code == 0, r.output
