@@ -153,11 +153,19 @@ def encode_prompt(
             prompt = BOI * n_images + prompt
         text = (tokenizer.bos_token or "") + prompt
 
-    def enc(t):
-        return list(tokenizer.encode(t, add_special_tokens=False)) if t else []
-
     if not n_images:
-        return enc(text)
+        return _enc(tokenizer, text)
+    return layout_images(tokenizer, text, n_images, image_ids, crops)
+
+
+def _enc(tokenizer, t: str) -> list[int]:
+    return list(tokenizer.encode(t, add_special_tokens=False)) if t else []
+
+
+def layout_images(tokenizer, text: str, n_images: int, image_ids: tuple[int, int, int, int],
+                  crops: list[int] | None = None) -> list[int]:
+    """Token ids of rendered ``text`` whose ``n_images`` <start_of_image> markers become Gemma 3's image
+    layout (see ``encode_prompt``); shared with lora/data.py."""
     pieces = text.split(BOI)
     if len(pieces) - 1 != n_images:
         raise ValueError(f"the prompt has {len(pieces) - 1} {BOI} markers for {n_images} image(s)")
@@ -165,9 +173,9 @@ def encode_prompt(
     text = pieces[0] + "".join(crop_prompt(f"\n\n{BOI}\n\n", c) + p for c, p in zip(crops, pieces[1:]))
     boi, eoi, img, n = image_ids
     pieces = text.split(BOI)  # now one per image and crop, each a run of n soft tokens
-    ids = enc(pieces[0])
+    ids = _enc(tokenizer, pieces[0])
     for piece in pieces[1:]:
-        ids += [boi] + [img] * n + [eoi] + enc(piece)
+        ids += [boi] + [img] * n + [eoi] + _enc(tokenizer, piece)
     return ids
 
 
