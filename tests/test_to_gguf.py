@@ -371,3 +371,27 @@ def test_corrupt_folder_leaves_nothing(tmp_path, damage):
     with pytest.raises(GGUFExportError):
         export_gguf(folder, out_dir / "o.gguf", progress=False)
     _no_leftovers(out_dir, set())
+
+
+def test_widened_f32_scales(tmp_path):
+    """A folder holding Q4_0 scales/biases as float32 (as the CPU loader widens them): f16 values are still
+    exact (Q4_1); values f16 cannot hold are rounded and reported."""
+    src, folder = _make(tmp_path)
+    ok, off = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+
+    def fuse(w):
+        _bias_delta(w, ok)
+        for base in (ok, off):
+            for k in ("scales", "biases"):
+                w[f"{base}.{k}"] = w[f"{base}.{k}"].astype(mx.float32)
+        w[f"{off}.biases"] = w[f"{off}.biases"] + mx.array(np.float32(1e-5))  # not an f16 value any more
+
+    _edit(folder, fuse)
+    out = tmp_path / "o.gguf"
+    report = export_gguf(folder, out, progress=False)
+    _, to = _check_others_copied(src, out, {"blk.0.ffn_up.weight", "blk.1.ffn_up.weight"})
+    assert _row(report, "blk.0.ffn_up.weight")["how"] == "exact"
+    assert np.array_equal(_deq(to["blk.0.ffn_up.weight"]), _mx_dequant_f32(folder, ok))
+    row = _row(report, "blk.1.ffn_up.weight")
+    err = float(np.abs(_deq(to["blk.1.ffn_up.weight"]) - _mx_dequant_f32(folder, off)).max())
+    assert row["how"] == "requantized" and row["max_abs_error"] == pytest.approx(err) and 0 < err < 1e-4
