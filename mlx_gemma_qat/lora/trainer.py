@@ -9,8 +9,9 @@ Everything a step depends on is a pure function of (seed, step): the batch (data
 key (seeded per step), the schedule (from the optimizer's step counter). A checkpoint stores the adapter, the
 optimizer state (moments and step) and the step; resuming from it continues exactly as if never stopped.
 
-The output head over Gemma's 262,144-token vocabulary is evaluated in chunks of positions, each under
-``mx.checkpoint``: one chunk's logits are alive at a time, in the forward and in the backward pass.
+The output head over Gemma's 262,144-token vocabulary dominates a step on the CPU: it runs only at target
+positions, in chunks; with gradient checkpointing each chunk is also under ``mx.checkpoint`` (one chunk's logits
+alive at a time in the backward pass too).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class TrainConfig:
     pack: bool = False
     seed: int = 0
     grad_checkpoint: bool = False
-    loss_chunk: int = 128          # positions per chunk of the output head
+    loss_chunk: int = 256          # target positions per chunk of the output head
     val_every: int = 50            # steps between validations (0: only at the end)
     val_batches: int = 25          # -1: the whole validation set
     save_every: int = 100          # steps between checkpoints (0: only at the end)
@@ -126,18 +127,30 @@ def _chunk_nll(text, h: mx.array, targets: mx.array, weights: mx.array) -> mx.ar
 
 
 def batch_loss(model, inputs, targets, weights, images=None, *, grad_checkpoint=False, chunk=128):
-    """(summed cross-entropy over target tokens, number of target tokens) of one batch."""
+    """(summed cross-entropy over target tokens, number of target tokens) of one batch.
+
+    The head runs only at positions that are targets (weight > 0): prompt tokens under --mask-prompt and padding
+    cost no logits. With ``grad_checkpoint`` each chunk of the head is recomputed in the backward pass too, so
+    one chunk's logits are alive at a time (less memory, one more head pass)."""
     text = text_model(model)
     if images and any(images) and inputs.shape[0] > 1:
         parts = [batch_loss(model, inputs[i:i + 1], targets[i:i + 1], weights[i:i + 1], [images[i]],
                             grad_checkpoint=grad_checkpoint, chunk=chunk) for i in range(inputs.shape[0])]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
     h = _hidden(model, inputs, images, grad_checkpoint)
-    head = _checkpointed(text.model.embed_tokens if text.cfg.tie_word_embeddings else text.lm_head,
-                         lambda hc, t, w: _chunk_nll(text, hc, t, w))
+    w = np.array(weights).reshape(-1)
+    keep = mx.array(np.nonzero(w != 0)[0].astype(np.uint32))
+    h = h.reshape(-1, h.shape[-1])[keep]
+    t, w = targets.reshape(-1)[keep], weights.reshape(-1)[keep]
+
+    def nll(hc, tc, wc):
+        return _chunk_nll(text, hc, tc, wc)
+
+    if grad_checkpoint:
+        nll = _checkpointed(text.model.embed_tokens if text.cfg.tie_word_embeddings else text.lm_head, nll)
     total = mx.array(0.0)
-    for s in range(0, h.shape[1], chunk):
-        total = total + head(h[:, s:s + chunk], targets[:, s:s + chunk], weights[:, s:s + chunk])
+    for s in range(0, h.shape[0], chunk):
+        total = total + nll(h[s:s + chunk], t[s:s + chunk], w[s:s + chunk])
     return total, weights.sum()
 
 
