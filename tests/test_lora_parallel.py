@@ -20,9 +20,9 @@ TRAIN = dict(iters=4, batch_size=4, learning_rate=2e-3, val_every=0, save_every=
 WORKER = """
 import sys, json
 from mlx_gemma_qat.lora import finetune
-folder, data, out, adapter, train = sys.argv[1:6]
+folder, data, out, adapter, train, stop, resume = sys.argv[1:8]
 finetune(folder, data, out, adapter=json.loads(adapter), train_config=json.loads(train), progress=False,
-         log=lambda *a: None)
+         log=lambda *a: None, stop_after=int(stop) or None, resume=resume == "1")
 """
 
 
@@ -84,20 +84,35 @@ def test_gradient_accumulation_equals_the_combined_batch(setup, tmp_path):
     assert runs["one"].train_loss == pytest.approx(runs["acc"].train_loss, rel=1e-5)
 
 
-def test_two_processes_equal_one_with_the_combined_batch(setup, tmp_path):
-    folder, data = setup
-    finetune(folder, data, tmp_path / "single", adapter=ADAPTER, train_config=TRAIN, progress=False, log=lambda *a: None)
+def _launch(tmp_path, folder, data, out, stop=0, resume=False):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     launch = Path(sys.executable).parent / "mlx.launch"
     cmd = [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, str(worker), str(folder), str(data),
-           str(tmp_path / "dist"), json.dumps(ADAPTER), json.dumps(TRAIN)]
+           str(tmp_path / out), json.dumps(ADAPTER), json.dumps(TRAIN), str(stop), "1" if resume else "0"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_two_processes_equal_one_with_the_combined_batch(setup, tmp_path):
+    folder, data = setup
+    finetune(folder, data, tmp_path / "single", adapter=ADAPTER, train_config=TRAIN, progress=False, log=lambda *a: None)
+    _launch(tmp_path, folder, data, "dist")
     _close(_adapter(tmp_path / "single"), _adapter(tmp_path / "dist"))
     m1 = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
     loss = lambda ms: [m["train_loss"] for m in ms if "train_loss" in m]  # noqa: E731
     np.testing.assert_allclose(loss(m1), loss(m2), rtol=1e-4)
     assert [m["trained_tokens"] for m in m1 if "trained_tokens" in m] == [m["trained_tokens"] for m in m2 if "trained_tokens" in m]
+
+
+def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(setup, tmp_path):
+    """Only rank 0 reads the checkpoint; the other rank gets adapter, optimizer state and step through the group."""
+    folder, data = setup
+    _launch(tmp_path, folder, data, "full")
+    _launch(tmp_path, folder, data, "part", stop=2)
+    assert not (tmp_path / "part" / "adapters.safetensors").exists()
+    _launch(tmp_path, folder, data, "part", resume=True)
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "part")
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)

@@ -167,6 +167,13 @@ class _World:
             return tree
         return tree_map(lambda x: mx.distributed.all_sum(x, group=self.group), tree)
 
+    def broadcast(self, tree):
+        """Rank 0's values on every rank (the others contribute zeros to a sum). Every rank must hold the same
+        names and shapes; they are sent in sorted name order (a tree read from a file may be ordered otherwise)."""
+        flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
+        flat = [(k, v if self.rank == 0 else mx.zeros_like(v)) for k, v in flat]
+        return tree_unflatten([(k, mx.distributed.all_sum(v, group=self.group)) for k, v in flat])
+
 
 def _to_arrays(batch):
     inputs, targets, weights, images = batch
@@ -230,24 +237,34 @@ def latest_checkpoint(adapter_path: Path) -> Path | None:
     return p if (p / "state.json").is_file() else None
 
 
-def _resume(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, train_cfg: TrainConfig) -> tuple[int, dict]:
-    ck = latest_checkpoint(adapter_path)
-    if ck is None:
-        raise TrainingError(f"--resume: no checkpoint in {_checkpoint_dir(adapter_path)}")
-    state = json.loads((ck / "state.json").read_text())
-    saved_adapter = AdapterConfig.from_dict(state["adapter"])
-    check_identity(model, saved_adapter, ck)
-    mine, theirs = asdict(adapter_cfg), asdict(saved_adapter)
-    diff = [k for k in mine if k not in ("layers", "base_model") and mine[k] != theirs.get(k)]
-    t_mine, t_theirs = asdict(train_cfg), state["train"]
-    diff += [k for k in t_mine if k not in TrainConfig._FREE and t_mine[k] != t_theirs.get(k)]
-    if diff:
-        raise TrainingError(f"--resume: {ck} was written with different settings ({', '.join(diff)}); "
-                            "resume with the same ones (only reporting, validation and save intervals may change)")
-    set_adapter_weights(model, mx.load(str(ck / "adapters.safetensors")), ck)
-    opt_state = mx.load(str(ck / "optimizer.safetensors"))
-    optimizer.state = tree_unflatten(list(opt_state.items()))
-    return int(state["step"]), state
+def _resume(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, train_cfg: TrainConfig,
+            world: "_World") -> int:
+    """Restore adapter, optimizer state and step from the latest checkpoint. Only rank 0 needs the files (the
+    other machines of a data-parallel run get its values through the group); returns the step."""
+    step = mx.array(0)
+    if world.rank == 0:
+        ck = latest_checkpoint(adapter_path)
+        if ck is None:
+            raise TrainingError(f"--resume: no checkpoint in {_checkpoint_dir(adapter_path)}")
+        state = json.loads((ck / "state.json").read_text())
+        saved_adapter = AdapterConfig.from_dict(state["adapter"])
+        check_identity(model, saved_adapter, ck)
+        mine, theirs = asdict(adapter_cfg), asdict(saved_adapter)
+        diff = [k for k in mine if k not in ("layers", "base_model") and mine[k] != theirs.get(k)]
+        t_mine, t_theirs = asdict(train_cfg), state["train"]
+        diff += [k for k in t_mine if k not in TrainConfig._FREE and t_mine[k] != t_theirs.get(k)]
+        if diff:
+            raise TrainingError(f"--resume: {ck} was written with different settings ({', '.join(diff)}); "
+                                "resume with the same ones (only reporting, validation and save intervals may change)")
+        set_adapter_weights(model, mx.load(str(ck / "adapters.safetensors")), ck)
+        optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
+        step = mx.array(int(state["step"]))
+    if world.size > 1:
+        text = text_model(model)
+        text.update(world.broadcast(text.trainable_parameters()))
+        optimizer.state = world.broadcast(optimizer.state)
+        step = world.broadcast(step)
+    return int(step.item())
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -296,6 +313,9 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     ``adapter_path``. ``stop_after``: stop (as if interrupted) after that many steps of this call."""
     from tqdm import tqdm
 
+    if train_cfg.grad_checkpoint and adapter_cfg.dropout > 0:
+        raise TrainingError("dropout with gradient checkpointing is not supported: the recomputed pass would draw "
+                            "another dropout mask than the forward pass (use one or the other)")
     world = _World()
     main = world.rank == 0
     adapter_path = Path(adapter_path)
@@ -309,7 +329,7 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     metrics: list[dict] = []
     start = 0
     if resume:
-        start, _ = _resume(adapter_path, model, opt, adapter_cfg, train_cfg)
+        start = _resume(adapter_path, model, opt, adapter_cfg, train_cfg, world)
         if metrics_file.is_file():
             metrics = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start]
     elif main and latest_checkpoint(adapter_path) is not None:
