@@ -310,3 +310,31 @@ def test_cli_lora_fuse_generate(qfolder, tmp_path):
     for extra in ([], ["--adapter-path", str(tmp_path / "ad")]):
         r = run(main, ["generate", "-m", str(qfolder), "-p", "Say red", "-n", "4", "--no-stats", *extra])
         assert r.exit_code == 0, r.output
+
+
+def test_training_on_chat_records_with_images_keeps_the_vision_tower_frozen(vlm, tmp_path):
+    """A chat record with an image trains the text adapters through the (frozen) vision tower."""
+    from mlx_gemma_qat.lora import finetune
+
+    folder, model, _ = vlm
+    imgs = Path(__file__).parent / "fixtures" / "images"
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": str(imgs / f)},
+                                                       {"type": "text", "text": "What is this?"}]},
+                          {"role": "assistant", "content": f"A picture called {f}."}]} for f in ("a.png", "b.jpg")]
+    rows += [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}] * 2
+    for name in ("train", "valid"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = finetune(folder, data, tmp_path / "ad", adapter=dict(kind="lora", num_layers=2),
+                 train_config=dict(iters=3, batch_size=2, learning_rate=1e-3, val_every=0, save_every=0),
+                 progress=False, log=lambda *a: None)
+    assert np.isfinite(r.train_loss) and r.val_loss < r.first_val_loss
+    saved = mx.load(str(tmp_path / "ad" / "adapters.safetensors"))
+    n_blocks = len(model.language_model.model.layers)
+    assert {k.rsplit(".", 1)[0] for k in saved} == {f"model.layers.{i}.{p}" for i in (n_blocks - 2, n_blocks - 1)
+                                                     for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                               "mlp.down_proj")}  # nothing of the vision tower
+    trained, _ = load(folder, adapter_path=tmp_path / "ad")
+    assert len(adapter_layers(trained)) == 14
