@@ -338,3 +338,46 @@ def test_training_on_chat_records_with_images_keeps_the_vision_tower_frozen(vlm,
                                                                "mlp.down_proj")}  # nothing of the vision tower
     trained, _ = load(folder, adapter_path=tmp_path / "ad")
     assert len(adapter_layers(trained)) == 14
+
+
+def test_cli_fuse_exports_a_gguf_from_a_gguf_model(tmp_path):
+    """QAT layout (F16 embedding, Q4_0 linears) from a GGUF: train, fuse --gguf: the changed layers are Q4_1 and
+    equal the fused folder (gguf-py's own dequantizer); the rest is copied bit for bit."""
+    import gguf
+    from click.testing import CliRunner
+    from gguf_factory import write_tiny_gguf
+
+    from mlx_gemma_qat.cli import main
+    from mlx_gemma_qat.convert import convert
+
+    src = tmp_path / "tiny-qat.gguf"
+    write_tiny_gguf(src)
+    folder = convert(src, tmp_path / "m", progress=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": f"{w} is a colour, {w} is a word"} for w in "red green blue black white gray".split()]
+    for name in ("train", "valid"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = CliRunner().invoke
+    r = run(main, ["lora", "-m", str(folder), "--data", str(data), "--adapter-path", str(tmp_path / "ad"), "--iters", "3",
+                   "--batch-size", "2", "--num-layers", "1", "--keys", "down_proj", "--learning-rate", "1e-3"])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["fuse", "-m", str(folder), "--adapter-path", str(tmp_path / "ad"), "-o", str(tmp_path / "fused"),
+                   "--gguf", str(tmp_path / "fused.gguf")])
+    assert r.exit_code == 0, r.output
+    base, out = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(tmp_path / "fused.gguf"))
+    types = {t.name: t.tensor_type.name for t in out.tensors}
+    assert types["blk.7.ffn_down.weight"] == "Q4_1" and types["blk.6.ffn_down.weight"] == "Q4_0"
+    b = {t.name: t for t in base.tensors}
+    for t in out.tensors:
+        if t.name != "blk.7.ffn_down.weight":
+            assert np.array_equal(np.asarray(t.data), np.asarray(b[t.name].data)), t.name
+    fused = _weights(tmp_path / "fused")
+    n = "model.layers.7.mlp.down_proj"
+    want = mx.dequantize(fused[f"{n}.weight"], fused[f"{n}.scales"].astype(mx.float32),
+                         fused[f"{n}.biases"].astype(mx.float32), group_size=32, bits=4)
+    t = next(t for t in out.tensors if t.name == "blk.7.ffn_down.weight")
+    got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+    assert np.array_equal(got, np.array(want))
+    r = run(main, ["fuse", "-m", str(folder), "--adapter-path", str(tmp_path / "ad"), "-o", str(tmp_path / "fused")])
+    assert r.exit_code != 0 and "exists" in r.output  # never overwritten without --force
