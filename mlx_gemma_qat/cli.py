@@ -259,7 +259,7 @@ def inspect(path, context, kv_bits, kv_group_size):
 @click.option("--iters", type=int, default=100, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step (over all processes).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches accumulated per step.")
-@click.option("--learning-rate", type=float, default=1e-4, show_default=True)
+@click.option("--learning-rate", type=float, default=5e-5, show_default=True)
 @click.option("--warmup", type=int, default=0, show_default=True, help="Linear warmup steps (then cosine decay).")
 @click.option("--min-lr-ratio", type=float, default=0.0, show_default=True, help="Cosine end, as a fraction of the peak.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")

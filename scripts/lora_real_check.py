@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--length", type=int, default=64, help="tokens per training record")
     ap.add_argument("-n", type=int, default=24, help="greedy tokens per prompt")
+    ap.add_argument("--valid", type=int, default=6, help="held-out records (every fifth record of the text)")
+    ap.add_argument("--learning-rate", type=float, default=5e-5)
     args = ap.parse_args()
     from mlx_gemma_qat import load
     from mlx_gemma_qat.convert import convert
@@ -54,12 +56,14 @@ def main() -> None:
     data = w / "data"
     data.mkdir(exist_ok=True)
     n = args.length
-    for name, start, count in (("train", 0, 16), ("valid", 4000, 4)):
-        rows = [{"text": tok.decode(ids[start + i * n: start + (i + 1) * n])} for i in range(count)]
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chunks = [tok.decode(ids[i * n:(i + 1) * n]) for i in range(len(ids) // n)]
+    held = [c for i, c in enumerate(chunks) if i % 5 == 4][: args.valid]  # every fifth record held out
+    train = [c for i, c in enumerate(chunks) if i % 5 != 4][: 2 * args.iters]
+    for name, rows in (("train", train), ("valid", held)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
     t0 = time.time()
     r = finetune(folder, data, w / "adapter", adapter=dict(kind="pooled"),
-                 train_config=dict(iters=args.iters, batch_size=2, learning_rate=2e-4, val_every=0, save_every=0,
+                 train_config=dict(iters=args.iters, batch_size=2, learning_rate=args.learning_rate, val_every=0, save_every=0,
                                    report_every=1), progress=False, log=lambda *a: None)
     print(f"trained {r.steps} steps in {time.time() - t0:.0f} s: validation loss {r.first_val_loss:.4f} -> "
           f"{r.val_loss:.4f}, {r.tokens_per_s:.2f} tokens/s, peak {r.peak_memory_gb:.2f} GB")

@@ -46,7 +46,7 @@ class TrainConfig:
     iters: int = 100
     batch_size: int = 4            # the global batch (split over data-parallel ranks)
     grad_accum: int = 1            # micro-batches per optimizer step
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-5
     warmup: int = 0                # steps of linear warmup from 0
     min_lr_ratio: float = 0.0      # the cosine decays to learning_rate * this at the last step
     weight_decay: float = 0.0
