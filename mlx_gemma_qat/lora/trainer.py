@@ -347,11 +347,15 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
             with open(metrics_file, "a") as fh:
                 fh.write(json.dumps(m) + "\n")
 
+    paused = [0.0]  # seconds spent validating inside the loop (not training time)
+
     def validate(step):
         if valid_set is None:
             return None
+        t = time.perf_counter()
         v = evaluate(model, valid_set, train_cfg.val_batches, train_cfg, world)
         log_metric({"step": step, "val_loss": v})
+        paused[0] += time.perf_counter() - t
         return v
 
     first_val = None
@@ -362,6 +366,7 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     end = train_cfg.iters if stop_after is None else min(train_cfg.iters, start + stop_after)
     bar = tqdm(total=train_cfg.iters, initial=start, disable=not (progress and main), unit="step", dynamic_ncols=True)
     mx.reset_peak_memory()
+    paused[0] = 0.0
     tokens, t0, window_loss, window_n, last_train = 0, time.perf_counter(), 0.0, 0.0, float("nan")
     trained_tokens = int(next((m.get("trained_tokens", 0) for m in reversed(metrics) if "trained_tokens" in m), 0))
     val = None
@@ -395,7 +400,7 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
         done = step + 1
         bar.update(1)
         if done % max(train_cfg.report_every, 1) == 0 or done == end:
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0 - paused[0]
             last_train = window_loss / max(window_n, 1.0)
             m = {"step": done, "train_loss": last_train, "learning_rate": float(opt.learning_rate.item()),
                  "tokens_per_s": tokens / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
@@ -406,11 +411,12 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
             window_loss, window_n = 0.0, 0.0
         if train_cfg.val_every and done % train_cfg.val_every == 0 and done != train_cfg.iters:
             val = validate(done)
-            bar.write(f"step {done}: validation loss {val:.4f}") if main and progress and val is not None else None
+            if main and progress and val is not None:
+                bar.write(f"step {done}: validation loss {val:.4f}")
         if main and ((train_cfg.save_every and done % train_cfg.save_every == 0) or done == end):
             save_checkpoint(adapter_path, done, model, opt, adapter_cfg, train_cfg, {"trained_tokens": trained_tokens})
     bar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - paused[0]
     if end == train_cfg.iters:
         val = validate(train_cfg.iters)
         if main:
