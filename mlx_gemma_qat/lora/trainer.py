@@ -421,7 +421,8 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
         val = validate(train_cfg.iters)
         if main:
             save_adapters(model, adapter_cfg, adapter_path)
-            _write_plot(adapter_path, metrics)
+            if _write_plot(adapter_path, metrics) is None and log:
+                log(f"({PLOT_FILE} not drawn: matplotlib is not installed; pip install 'mlx-gemma-qat[plot]')")
     model.eval()
     return TrainResult(steps=end, train_loss=last_train, val_loss=val, first_val_loss=first_val,
                        tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
