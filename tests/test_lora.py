@@ -142,7 +142,8 @@ def test_training_lowers_validation_loss_and_writes_outputs(qfolder, tmp_path):
     _, r = _run(qfolder, tmp_path / "a", iters=12)
     assert r.val_loss < r.first_val_loss - 0.25
     names = {p.name for p in (tmp_path / "a").iterdir()}
-    assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "checkpoints"} <= names
+    assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "checkpoints", "loss-curve.png"} <= names
+    assert (tmp_path / "a" / "loss-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "val_loss" in m] == [0, 4, 8, 12]
     train_lines = [m for m in metrics if "train_loss" in m]
