@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_gemma_qat import load
-from mlx_gemma_qat.lora import AdapterConfig, AdapterError, TrainConfig, TrainingError, load_adapters, train
+from mlx_gemma_qat.lora import AdapterConfig, AdapterError, TrainConfig, TrainingError, train
 from mlx_gemma_qat.lora.adapters import adapter_layers, adapter_weights, apply_adapters, save_adapters, text_model
 from mlx_gemma_qat.lora.fuse import fuse
 from mlx_gemma_qat.lora.trainer import batch_loss, latest_checkpoint
