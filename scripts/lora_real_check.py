@@ -42,12 +42,9 @@ def main() -> None:
 
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
-    from mlx_gemma_qat.models_cache import cache_root
+    from check_gguf_export import real_qat_gguf  # this script's folder is on sys.path
 
-    made = sorted((cache_root() / "test-fixtures").glob("gemma3-270m-qat-layout-*.gguf"), key=lambda p: p.stat().st_mtime)
-    if not made:
-        sys.exit("no QAT-layout 270M yet: run `pytest -m real tests/test_lora_real.py` (or scripts/make_qat_layout.py)")
-    gguf_path = made[-1]
+    gguf_path = real_qat_gguf()
     folder = w / "qat"
     if not folder.exists():
         convert(gguf_path, folder, progress=False)

@@ -71,6 +71,22 @@ def relayout(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
+def cached(src: str | os.PathLike) -> Path:
+    """The QAT-layout copy of ``src``, made once and kept in the conversion cache (test fixtures and dev checks
+    share it); keyed by the source's size and mtime and by this script, so a changed re-layout makes a new one."""
+    import hashlib
+
+    from mlx_gemma_qat.models_cache import cache_root
+
+    st = Path(src).stat()
+    key = hashlib.sha1(f"{st.st_size}|{st.st_mtime_ns}|".encode() + Path(__file__).read_bytes()).hexdigest()[:12]
+    out = cache_root() / "test-fixtures" / f"gemma3-270m-qat-layout-{key}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        relayout(src, out)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", nargs="?", help="source GGUF (default: the embedded Gemma 3 270M)")

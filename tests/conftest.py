@@ -79,23 +79,14 @@ def vlm(tmp_path_factory):
 def real_qat_gguf(real_gguf):
     """The real 270M re-laid as Google's QAT GGUFs (token_embd F16, every linear Q4_0) by
     scripts/make_qat_layout.py (gguf-py; what llama.cpp's quantizer makes), cached beside converted models."""
-    import hashlib
     import importlib.util
     from pathlib import Path
 
-    from mlx_gemma_qat.models_cache import cache_root
-
     script = Path(__file__).parent.parent / "scripts" / "make_qat_layout.py"
-    st = Path(real_gguf).stat()
-    key = hashlib.sha1(f"{st.st_size}|{st.st_mtime_ns}|".encode() + script.read_bytes()).hexdigest()[:12]
-    out = cache_root() / "test-fixtures" / f"gemma3-270m-qat-layout-{key}.gguf"
-    if not out.is_file():
-        spec = importlib.util.spec_from_file_location("make_qat_layout", script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        mod.relayout(real_gguf, out)
-    return out
+    spec = importlib.util.spec_from_file_location("make_qat_layout", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cached(real_gguf)
 
 
 @pytest.fixture(scope="session")
