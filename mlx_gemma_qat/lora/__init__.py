@@ -43,15 +43,13 @@ def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, tr
     """Train an adapter on ``model`` (path, GGUF, repo id; None: the embedded 270M) with the JSONL data of
     ``data`` (a folder with train/valid[/test].jsonl, or a hub dataset id). ``adapter``: AdapterConfig or dict
     (kind, rank, scale, dropout, num_layers, keys, embedding); ``train_config``: TrainConfig or dict."""
-    import mlx.core as mx
-
     from .. import load
+    from .trainer import _World
 
     a_cfg, t_cfg = _config(AdapterConfig, adapter), _config(TrainConfig, train_config)
     m, tok = load(model, dtype=dtype, widen=widen)
-    group = mx.distributed.init() if mx.distributed.is_available() else None
-    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
-    sets = datasets(data, tok, t_cfg, model=m, rank=rank, world=world,
+    world = _World()
+    sets = datasets(data, tok, t_cfg, model=m, rank=world.rank, world=world.size,
                     splits=("train", "valid", "test") if test else ("train", "valid"), warn=log)
     result = train(m, sets["train"], sets.get("valid"), adapter_path, a_cfg, t_cfg, resume=resume, progress=progress,
                    log=log, stop_after=stop_after)

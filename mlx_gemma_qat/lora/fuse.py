@@ -49,17 +49,16 @@ def _fuse_on_grid(w: mx.array, scales: mx.array, biases: mx.array, delta: mx.arr
     q_old = unpack_bits(np.array(w), bits, n).reshape(rows, n // group, group)
     s = np.array(scales.astype(mx.float32))[..., None]
     b = np.array(biases.astype(mx.float32))[..., None]
-    target = q_old * s + b + np.array(delta).reshape(rows, n // group, group)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s != 0, np.rint((target - b) / np.where(s != 0, s, 1)), q_old)
-    q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint8)
+    d = np.array(delta).reshape(rows, n // group, group)
+    target = q_old * s + b + d
+    pos = (target - b) / np.where(s != 0, s, 1)  # the target's place on the grid (a group of scale 0 keeps q)
+    q = np.clip(np.where(s != 0, np.rint(pos), q_old), 0, (1 << bits) - 1).astype(np.uint8)
     fused = q * s + b
     stats = {"changed_fraction": float((q != q_old).mean()),
-             "max_delta": float(np.abs(np.array(delta)).max()),
-             "rms_delta": float(np.sqrt((np.array(delta) ** 2).mean())),
+             "max_delta": float(np.abs(d).max()),
+             "rms_delta": float(np.sqrt((d ** 2).mean())),
              "rms_grid_error": float(np.sqrt(((fused - target) ** 2).mean())),
-             "clipped_fraction": float(((target - b) / np.where(s != 0, s, 1) > (1 << bits) - 0.5).mean()
-                                       + ((target - b) / np.where(s != 0, s, 1) < -0.5).mean())}
+             "clipped_fraction": float((pos > (1 << bits) - 0.5).mean() + (pos < -0.5).mean())}
     return mx.array(pack_bits(q.reshape(rows, n), bits)), stats
 
 

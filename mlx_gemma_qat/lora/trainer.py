@@ -100,9 +100,7 @@ def _hidden(model, inputs: mx.array, images: list | None, grad_checkpoint: bool)
         from ..image import preprocess_all
 
         pixels, _ = preprocess_all(list(images[0]), model.mcfg.vision.image_size)
-        h, groups = model.embed_prompt(np.array(inputs[0]), mx.stop_gradient(mx.array(pixels)))
-        h = mx.stop_gradient(h) if not _embedding_adapted(text) else h
-        groups = groups if groups is not None else None
+        h, groups = model.embed_prompt(np.array(inputs[0]), mx.array(pixels))  # the tower has no trainable part
     else:
         h = inner.embed(inputs)
     masks = inner._masks(h.shape[1], None, groups)
@@ -113,10 +111,6 @@ def _hidden(model, inputs: mx.array, images: list | None, grad_checkpoint: bool)
         else:
             h = layer(h, mask)
     return inner.norm(h)
-
-
-def _embedding_adapted(text) -> bool:
-    return bool(text.model.embed_tokens.trainable_parameters())
 
 
 def _chunk_nll(text, h: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
