@@ -142,10 +142,10 @@ def encode_prompt(
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}] if n_images else prompt
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     if chat or (chat is None and own):
-        from .convert.tokenizer import GEMMA3_CHAT_TEMPLATE
+        from .convert.tokenizer import template_kwargs
 
-        kw = {} if own else {"chat_template": GEMMA3_CHAT_TEMPLATE}
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             **template_kwargs(tokenizer))
     else:
         if system:
             prompt = system + "\n\n" + prompt

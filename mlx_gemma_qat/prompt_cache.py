@@ -70,10 +70,10 @@ def _identity(model) -> str:
 
 
 def _render(tokenizer, messages) -> str:
-    from .convert.tokenizer import GEMMA3_CHAT_TEMPLATE
+    from .convert.tokenizer import template_kwargs
 
-    kw = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": GEMMA3_CHAT_TEMPLATE}
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **template_kwargs(tokenizer))
 
 
 def _encode(tokenizer, text: str) -> list[int]:

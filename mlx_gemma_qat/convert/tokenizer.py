@@ -56,6 +56,7 @@ import numpy as np
 
 __all__ = [
     "GEMMA3_CHAT_TEMPLATE",
+    "template_kwargs",
     "GEMMA_BPE_PRE_TOKENIZERS",
     "TokenizerError",
     "TokenizerMetadata",
@@ -69,6 +70,12 @@ __all__ = [
 ]
 
 GEMMA3_CHAT_TEMPLATE: str = (Path(__file__).with_name("gemma3_chat_template.jinja")).read_text(encoding="utf-8")
+
+
+def template_kwargs(tokenizer) -> dict:
+    """``apply_chat_template``'s keywords for ``tokenizer``: none when it ships a template, else the built-in
+    Gemma 3 one (a base model's GGUF has none)."""
+    return {} if getattr(tokenizer, "chat_template", None) else {"chat_template": GEMMA3_CHAT_TEMPLATE}
 """The official Gemma 3 chat template (``chat_template`` of Google's gemma-3 ``tokenizer_config.json``)."""
 
 class TokenizerError(ValueError):

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert.tokenizer import template_kwargs
+
 LINE, FILE = "__line__", "__file__"
 FORMATS = ("text", "completions", "chat")
 ROLES = ("system", "user", "assistant")
@@ -178,14 +180,6 @@ def load_splits(data, *, splits=("train", "valid", "test"), required=("train",))
 
 # ---------------------------------------------------------------------------------------------- encoding
 
-def _template_kwargs(tokenizer) -> dict:
-    if getattr(tokenizer, "chat_template", None):
-        return {}
-    from ..convert.tokenizer import GEMMA3_CHAT_TEMPLATE
-
-    return {"chat_template": GEMMA3_CHAT_TEMPLATE}
-
-
 def _check_messages(rec: dict, where: str, mask_prompt: bool) -> list[dict]:
     msgs = rec["messages"]
     if not isinstance(msgs, list) or not msgs:
@@ -239,7 +233,7 @@ def _tokens(tokenizer, text: str, image_ids, where: str) -> list[int]:
 
 
 def _encode_chat(tokenizer, msgs: list[dict], mask_prompt: bool, image_ids, where: str) -> tuple[list, list]:
-    kw = _template_kwargs(tokenizer)
+    kw = template_kwargs(tokenizer)
     # text offsets: [0, P1) prompt, [P1, Q1) assistant turn 1, [Q1, P2) prompt, ..., [Qk, end) prompt
     cuts = []
     for i, m in enumerate(msgs):
