@@ -1,4 +1,5 @@
-"""The ``mlx-gemma`` command line: convert, generate, chat, cache-prompt, inspect, lora, fuse."""
+"""The ``mlx-gemma`` command line: convert, generate, chat, cache-prompt, inspect, lora, fuse, perplexity, kld,
+compare."""
 
 from __future__ import annotations
 
@@ -345,6 +346,171 @@ def fuse(model, adapter_path, out, gguf_out, base_gguf, data, val_batches, force
 
         export_gguf(out, gguf_out, base_gguf=base_gguf, force=force)
         click.echo(f"GGUF: {gguf_out}")
+
+
+# ------------------------------------------------------------------------------------ quality measurements
+
+def _text_options(fn):
+    for opt in reversed([
+        click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+                     help="Evaluation text: a text file (read verbatim, as llama-perplexity -f does), .jsonl/.json "
+                          "records' --field, or .parquet."),
+        click.option("--dataset", default=None, help="Or a Hugging Face dataset id (read from the local cache first)."),
+        click.option("--split", default="test", show_default=True, help="Dataset split."),
+        click.option("--config", "ds_config", default=None, help="Dataset configuration (e.g. wikitext-2-raw-v1)."),
+        click.option("--field", default="text", show_default=True, help="Record field holding the text."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _window_options(fn):
+    for opt in reversed([
+        click.option("--context", "-c", type=int, default=2048, show_default=True,
+                     help="Window length in tokens (may exceed the sliding window; at most the model's context)."),
+        click.option("--stride", type=int, default=None,
+                     help="Overlapping windows every STRIDE tokens, every token scored once (default: llama.cpp's "
+                          "non-overlapping windows, second half of each scored)."),
+        click.option("--windows", "n_windows", type=int, default=None, help="Evaluate only the first N windows "
+                     "(llama-perplexity --chunks)."),
+        click.option("--chunk", type=int, default=256, show_default=True,
+                     help="Tokens per forward pass through the KV cache."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+                     help="Compute dtype (default: float32 on CPU, bfloat16 on GPU)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _eval_tokens(tok, text_file, dataset, split, ds_config, field, context, stride, n_windows, required=True):
+    """Token ids of the evaluation text, cut to --windows windows (None when no text is given and not required)."""
+    from .evaluate.corpus import read_text, tokenize
+
+    if text_file is None and dataset is None:
+        if required:
+            raise click.UsageError("give the evaluation text: --text FILE or --dataset REPO")
+        return None
+    text, _ = read_text(text_file, dataset=dataset, split=split, field=field, config=ds_config)
+    ids = tokenize(tok, text)
+    if n_windows is not None:
+        if n_windows < 1:
+            raise click.UsageError("--windows must be at least 1")
+        s = context if stride is None else stride
+        ids = ids[: (n_windows - 1) * s + context] if stride is not None else ids[: n_windows * context]
+    return ids
+
+
+def _emit(result, as_json):
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(result.format())
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@_text_options
+@_window_options
+@_kv_options
+@click.option("--save-logits", type=click.Path(dir_okay=False), default=None,
+              help="Also save the scored log-probs as a KL-divergence reference (llama.cpp's --kl-divergence-base "
+                   "format: 512 KiB per scored token at Gemma 3's vocabulary; see --logits-top-k).")
+@click.option("--logits-top-k", type=int, default=0, show_default=True,
+              help="Save only the top K log-probs per token (4 + 8K bytes; KLD from it is a lower bound). 0: all.")
+@_widen_option
+@_adapter_option
+@_clean_errors
+def perplexity(model, text_file, dataset, split, ds_config, field, context, stride, n_windows, chunk, dtype, as_json,
+               quiet, kv_bits, kv_group_size, save_logits, logits_top_k, widen, adapter_path):
+    """Perplexity of a model on a text, with its standard error (llama-perplexity's windows by default)."""
+    from . import load
+    from .evaluate.perplexity import perplexity as run
+
+    m, tok = load(model, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    ids = _eval_tokens(tok, text_file, dataset, split, ds_config, field, context, stride, n_windows)
+    r = run(m, ids, context=context, stride=stride, bos_id=tok.bos_token_id, chunk=chunk, kv_bits=kv_bits,
+            kv_group_size=int(kv_group_size), save_logits=save_logits, logits_top_k=logits_top_k, progress=not quiet)
+    _emit(r, as_json)
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="The model to measure (default: embedded Gemma 3 270M).")
+@click.option("--ref", default=None, help="The reference model (both are held in memory).")
+@click.option("--ref-logits", type=click.Path(dir_okay=False), default=None,
+              help="Or a reference saved by `perplexity --save-logits` or llama-perplexity --kl-divergence-base "
+                   "(its own tokens and windows; --text is then optional and must match).")
+@_text_options
+@_window_options
+@_kv_options
+@_widen_option
+@_adapter_option
+@_clean_errors
+def kld(model, ref, ref_logits, text_file, dataset, split, ds_config, field, context, stride, n_windows, chunk, dtype,
+        as_json, quiet, kv_bits, kv_group_size, widen, adapter_path):
+    """KL divergence of a model against a reference on the same tokens (llama-perplexity's statistics)."""
+    from . import load
+    from .evaluate.kld import kl_divergence
+
+    if (ref is None) == (ref_logits is None):
+        raise click.UsageError("give --ref MODEL or --ref-logits FILE")
+    m, tok = load(model, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    ids = _eval_tokens(tok, text_file, dataset, split, ds_config, field, context, stride, n_windows,
+                       required=ref is not None)
+    r_model = load(ref, dtype=dtype, widen=widen)[0] if ref is not None else None
+    r = kl_divergence(m, ids, ref_model=r_model, ref_logits=ref_logits, context=context, stride=stride,
+                      bos_id=tok.bos_token_id, chunk=chunk, kv_bits=kv_bits, kv_group_size=int(kv_group_size),
+                      progress=not quiet, reference_name=ref or ref_logits)
+    _emit(r, as_json)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--ref", default=None, help="The reference model (e.g. the float checkpoint), scored first.")
+@click.option("--ref-logits", type=click.Path(dir_okay=False), default=None, help="Or a saved reference logits file.")
+@_text_options
+@_window_options
+@click.option("--kv-bits", "kv_bits", type=click.IntRange(2, 8), multiple=True,
+              help="Also run every model with its KV cache at these bits (repeatable: --kv-bits 8 --kv-bits 4).")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Tokens generated to time decoding.")
+@click.option("--logits-top-k", type=int, default=0, show_default=True,
+              help="Keep only the reference's top K log-probs (smaller temporary file; KLD a lower bound).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: KLD distribution per model, perplexity vs bits per weight (needs matplotlib).")
+@_widen_option
+@_clean_errors
+def compare(models, ref, ref_logits, text_file, dataset, split, ds_config, field, context, stride, n_windows, chunk,
+            dtype, as_json, quiet, kv_bits, kv_group_size, decode_tokens, logits_top_k, plot_path, widen):
+    """Compare MODELS (NAME=PATH to name a row) against one reference: bits per weight, memory, perplexity,
+    KL divergence, same-top %, decode speed; one model in memory at a time."""
+    from mlx_lm.utils import load_tokenizer
+
+    from .evaluate.compare import format_table, parse_spec, plot
+    from .evaluate.compare import compare as run
+    from .models_cache import resolve_model
+
+    if (ref is None) == (ref_logits is None):
+        raise click.UsageError("give --ref MODEL or --ref-logits FILE")
+    tok = load_tokenizer(resolve_model(parse_spec(ref or models[0])[1]))
+    ids = _eval_tokens(tok, text_file, dataset, split, ds_config, field, context, stride, n_windows,
+                       required=ref is not None)
+    rows = run(list(models), ids, ref=ref, ref_logits=ref_logits, context=context, stride=stride,
+               kv_bits=tuple(kv_bits), kv_group_size=int(kv_group_size), decode_tokens=decode_tokens,
+               logits_top_k=logits_top_k, dtype=dtype, widen=widen, chunk=chunk, progress=not quiet,
+               log=functools.partial(click.echo, err=True))
+    if as_json:
+        import json
+
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        click.echo(format_table(rows))
+    if plot_path and rows:
+        plot(rows, plot_path)
+        click.echo(f"plot: {plot_path}", err=True)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def ppl_worker(kind: str, folder: str, ids_file: str, chunk: int):
     t0 = time.perf_counter()
     if kind == "ours":
         from mlx_gemma_qat.model.load import load_model
-        from mlx_gemma_qat.perplexity import token_nll
+        from mlx_gemma_qat.evaluate.scoring import token_nll
 
         nll = token_nll(load_model(folder, dtype="float32"), ids, chunk)
     else:  # mlx-lm's own model, every floating parameter cast to float32

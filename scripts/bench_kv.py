@@ -29,22 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_gemma_qat import load  # noqa: E402
 from mlx_gemma_qat.model.cache import cache_nbytes, make_cache  # noqa: E402
-from mlx_gemma_qat.perplexity import token_nll  # noqa: E402
+from mlx_gemma_qat.evaluate.scoring import token_nll  # noqa: E402
 
 SETTINGS = [(None, 64), (8, 64), (4, 64), (4, 32)]
-
-
-class _WithCache:
-    """The model, with ``make_cache`` fixed to one KV quantization (perplexity builds its own cache)."""
-
-    def __init__(self, model, bits, group_size):
-        self._m, self._bits, self._gs = model, bits, group_size
-
-    def make_cache(self):
-        return self._m.make_cache(self._bits, self._gs)
-
-    def __call__(self, *a, **kw):
-        return self._m(*a, **kw)
 
 
 def label(bits, gs):
@@ -55,7 +42,7 @@ def perplexities(model, ids):
     rows, base = [], None
     for bits, gs in SETTINGS:
         t = time.perf_counter()
-        nll = token_nll(_WithCache(model, bits, gs), ids, chunk=256)
+        nll = token_nll(model, ids, chunk=256, kv_bits=bits, kv_group_size=gs)
         dt = time.perf_counter() - t
         ppl = math.exp(float(nll.mean()))
         if base is None:

@@ -107,7 +107,7 @@ def worker_mlxlm(folder: str, n: int) -> dict:
 
 def worker_ppl(folder: str, dtype: str, ids_file: str) -> dict:
     from mlx_gemma_qat.model.load import load_model
-    from mlx_gemma_qat.perplexity import token_nll
+    from mlx_gemma_qat.evaluate.scoring import token_nll
 
     t0 = time.perf_counter()
     nll = token_nll(load_model(folder, dtype=dtype), np.load(ids_file), 256)

@@ -67,7 +67,7 @@ def test_greedy_default_route_identical_until_a_near_tie(real_270m, ref):
 
 
 def test_perplexity_within_half_percent(real_270m, ref):
-    from mlx_gemma_qat.perplexity import token_nll
+    from mlx_gemma_qat.evaluate.scoring import token_nll
 
     model = load_model(real_270m)
     ids = ref["gpl3_ids"][:128]

@@ -1,0 +1,104 @@
+"""``mlx-gemma perplexity``: perplexity of a model on a text, with its standard error and speed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .reference import LogitsWriter
+from .scoring import context_limit, scored_logprobs, vocab_size
+from .stats import PerplexityStats
+from .windows import Windows, plan_windows
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    ppl_error: float
+    tokens: int  # scored
+    windows: int  # completed
+    windows_planned: int
+    context: int
+    stride: int
+    evaluated_tokens: int  # run through the model
+    seconds: float
+    tokens_per_s: float  # evaluated tokens per second
+    kv_bits: int | None = None
+    interrupted: bool = False
+    peak_memory_gb: float = 0.0
+    logits_file: str | None = None
+    nll: np.ndarray = field(default=None, repr=False)  # per scored token
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("nll")
+        return d
+
+    def format(self) -> str:
+        head = (f"perplexity {self.ppl:.4f} ± {self.ppl_error:.4f} over {self.tokens} tokens "
+                f"({self.windows} windows of {self.context}"
+                + (f", stride {self.stride}" if self.stride != self.context else "") + ")")
+        if self.interrupted:
+            head = f"interrupted after {self.windows} of {self.windows_planned} windows: partial " + head
+        tail = f"{self.tokens_per_s:.1f} tokens/s ({self.evaluated_tokens} tokens in {self.seconds:.1f} s), " \
+               f"peak memory {self.peak_memory_gb:.2f} GB" + (f", KV cache {self.kv_bits}-bit" if self.kv_bits else "")
+        return head + "\n" + tail + (f"\nlogits saved to {self.logits_file}" if self.logits_file else "")
+
+
+def perplexity(model, ids, *, context: int = 2048, stride: int | None = None, bos_id: int | None = None, chunk: int = 256,
+               kv_bits: int | None = None, kv_group_size: int = 64, save_logits=None, logits_top_k: int = 0,
+               progress: bool = False) -> PerplexityResult:
+    """Perplexity of ``ids`` (BOS first) under ``model`` over the windows of ``windows.plan_windows``.
+
+    ``save_logits``: also write the scored log-probabilities, as the reference of later KL-divergence runs
+    (``reference.py``: llama.cpp's format, or the top ``logits_top_k``). Ctrl-C stops at the next chunk and
+    returns the statistics of the windows completed (``interrupted``); no partial logits file is kept.
+    """
+    ids = np.asarray(ids, dtype=np.int32)
+    bos_id = int(ids[0]) if bos_id is None and ids.size else bos_id
+    windows = plan_windows(ids.size, context, stride, context_limit(model))
+    writer = LogitsWriter(save_logits, ids, windows, vocab_size(model), logits_top_k) if save_logits else None
+    nll, done, interrupted, n = [], 0, False, 0
+    ends = windows.scored_ends()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    bar = _bar(windows, progress)
+    try:
+        for p in scored_logprobs(model, ids, windows, bos_id=bos_id, chunk=chunk, kv_bits=kv_bits,
+                                 kv_group_size=kv_group_size):
+            t = mx.take_along_axis(p.logprobs, mx.array(p.targets)[:, None], axis=-1)[:, 0]
+            nll.append(-np.array(t, dtype=np.float64))
+            if writer:
+                writer.add(p.logprobs, p.targets)
+            bar.update(p.targets.size)
+            n += p.targets.size
+            done = p.window + int(n == ends[p.window])
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        if writer:
+            writer.close(complete=not interrupted)
+    seconds = time.perf_counter() - t0
+    # statistics over completed windows only (a window cut by Ctrl-C is dropped)
+    all_nll = np.concatenate(nll) if nll else np.zeros(0)
+    all_nll = all_nll[: ends[done - 1] if done else 0]
+    if all_nll.size == 0:
+        raise KeyboardInterrupt("interrupted before the first window finished")
+    s = PerplexityStats.of(all_nll)
+    evaluated = done * windows.context
+    return PerplexityResult(
+        ppl=s.ppl, ppl_error=s.ppl_error, tokens=s.tokens, windows=done, windows_planned=windows.count,
+        context=windows.context, stride=windows.stride, evaluated_tokens=evaluated, seconds=seconds,
+        tokens_per_s=evaluated / seconds if seconds > 0 else 0.0, kv_bits=kv_bits, interrupted=interrupted,
+        peak_memory_gb=mx.get_peak_memory() / 1e9, logits_file=str(save_logits) if writer and not interrupted else None,
+        nll=all_nll)
+
+
+def _bar(windows: Windows, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=windows.total_scored, unit="tok", desc="scoring", disable=not show, leave=False)
