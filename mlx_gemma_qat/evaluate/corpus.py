@@ -142,7 +142,15 @@ def read_text(text: str | Path | None = None, *, dataset: str | None = None, spl
 def tokenize(tokenizer, text: str) -> np.ndarray:
     """int32 token ids with BOS first, as llama.cpp's ``common_tokenize(ctx, text, add_special=true)`` for Gemma:
     ``tokenizer.encode(text)`` with the BOS it adds (prepended here if it does not add one)."""
-    ids = list(tokenizer.encode(text))
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    limit = getattr(inner, "model_max_length", None)
+    if limit is not None:  # a whole corpus is meant to be longer than the context: no length warning
+        inner.model_max_length = 1 << 62
+    try:
+        ids = list(tokenizer.encode(text))
+    finally:
+        if limit is not None:
+            inner.model_max_length = limit
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)

@@ -5,7 +5,8 @@ Two file formats, told apart by their first 8 bytes:
 * ``_logits_``: llama.cpp's ``--kl-divergence-base`` format, byte for byte: u32 context, i32 vocab, i32
   windows, the windows' int32 tokens, then for every scored token two float32 (scale, min) and ``vocab``
   uint16 log-probabilities on a uniform 16-nat grid below the top (step 16/65535 = 0.00024 nats; lower values
-  are clamped), padded to an even count. Files are interchangeable with ``llama-perplexity`` both ways. Size:
+  are clamped to that floor, so a reference's perplexity read back from such a file is lower where the text
+  has tokens more than 16 nats below the top one), padded to an even count. Files are interchangeable with ``llama-perplexity`` both ways. Size:
   2 bytes x vocab per scored token, 512 KiB at Gemma 3's 262,144 tokens (a 2,048-context window scores
   1,023 tokens: 0.5 GiB per window). llama.cpp's windows only (no ``--stride``).
 * ``_mgtopk_``: the reference's top-K log-probabilities as float32 with their int32 token ids, plus the float32
