@@ -471,6 +471,8 @@ def kld(model, ref, ref_logits, text_file, dataset, split, ds_config, field, con
 @click.argument("models", nargs=-1, required=True)
 @click.option("--ref", default=None, help="The reference model (e.g. the float checkpoint), scored first.")
 @click.option("--ref-logits", type=click.Path(dir_okay=False), default=None, help="Or a saved reference logits file.")
+@click.option("--save-ref-logits", type=click.Path(dir_okay=False), default=None,
+              help="Keep the --ref model's logits file there, to reuse with --ref-logits.")
 @_text_options
 @_window_options
 @click.option("--kv-bits", "kv_bits", type=click.IntRange(2, 8), multiple=True,
@@ -483,7 +485,7 @@ def kld(model, ref, ref_logits, text_file, dataset, split, ds_config, field, con
               help="Write a PNG: KLD distribution per model, perplexity vs bits per weight (needs matplotlib).")
 @_widen_option
 @_clean_errors
-def compare(models, ref, ref_logits, text_file, dataset, split, ds_config, field, context, stride, n_windows, chunk,
+def compare(models, ref, ref_logits, save_ref_logits, text_file, dataset, split, ds_config, field, context, stride, n_windows, chunk,
             dtype, as_json, quiet, kv_bits, kv_group_size, decode_tokens, logits_top_k, plot_path, widen):
     """Compare MODELS (NAME=PATH to name a row) against one reference: bits per weight, memory, perplexity,
     KL divergence, same-top %, decode speed; one model in memory at a time."""
@@ -501,7 +503,7 @@ def compare(models, ref, ref_logits, text_file, dataset, split, ds_config, field
     rows = run(list(models), ids, ref=ref, ref_logits=ref_logits, context=context, stride=stride,
                kv_bits=tuple(kv_bits), kv_group_size=int(kv_group_size), decode_tokens=decode_tokens,
                logits_top_k=logits_top_k, dtype=dtype, widen=widen, chunk=chunk, progress=not quiet,
-               log=functools.partial(click.echo, err=True))
+               log=functools.partial(click.echo, err=True), save_ref_logits=save_ref_logits)
     if as_json:
         import json
 

@@ -246,5 +246,27 @@ def test_cli_perplexity_kld_compare(tiny, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     r = run(main, ["perplexity", "-m", str(folders["float"]), "--text", str(tmp_path / "empty.txt")])
     assert r.exit_code == 1 and "no text" in r.output
-    r = run(main, ["perplexity", "-m", str(folders["float"]), "--text", str(text), "-c", "2048"])
-    assert r.exit_code == 1 and "context" in r.output
+    (tmp_path / "short.txt").write_text("the quick brown fox")
+    r = run(main, ["perplexity", "-m", str(folders["float"]), "--text", str(tmp_path / "short.txt"), "-c", "64"])
+    assert r.exit_code == 1 and "shorter than one window of --context 64" in r.output
+    r = run(main, ["kld", "-m", str(folders["q4_0"]), "--text", str(text)])
+    assert r.exit_code != 0 and "--ref MODEL or --ref-logits FILE" in r.output
+
+
+@pytest.mark.real
+def test_real_270m_perplexity_matches_llama_cpp_and_transformers(real_270m_exact):
+    """llama.cpp's llama-perplexity on the same GGUF and text (fixture by scripts/llama_perplexity.py) and
+    transformers float32 on its dequantized weights (scripts/make_reference_270m.py), on one 1,024-token window."""
+    fix = Path(__file__).parent / "fixtures"
+    llama = json.loads((fix / "llama_perplexity_270m.json").read_text())
+    ref = np.load(fix / "gemma3_270m_reference.npz")
+    ids = np.array(llama["tokens"], np.int32)
+    assert llama["tokens_match_ours"] and (llama["context"], llama["chunks"]) == (1024, 1)
+    assert np.array_equal(ids, ref["gpl3_ids"])  # the same 1,024 tokens in both references
+    model, _ = load(real_270m_exact)
+    r = perplexity(model, ids, context=1024)
+    transformers_nll = ref["gpl3_nll"][512:1023]  # llama.cpp scores the second half: tokens 513..1023
+    assert r.tokens == transformers_nll.size == 511
+    assert abs(r.ppl / llama["models"]["q4km"]["ppl"] - 1) < 0.005, (r.ppl, llama["models"]["q4km"]["ppl"])
+    assert abs(r.ppl / math.exp(transformers_nll.mean()) - 1) < 0.001
+    assert np.abs(r.nll - transformers_nll).mean() < 0.01

@@ -91,9 +91,10 @@ def _free():
 
 def compare(models: list[str], ids, *, ref: str | None = None, ref_logits=None, context: int = 2048,
             stride: int | None = None, kv_bits: tuple = (), kv_group_size: int = 64, decode_tokens: int = 32,
-            logits_top_k: int = 0, dtype=None, widen=None, chunk: int = 256, progress: bool = False, log=print
-            ) -> list[Row]:
-    """Rows for the reference (if a model) and for each model x (float KV, each of ``kv_bits``)."""
+            logits_top_k: int = 0, dtype=None, widen=None, chunk: int = 256, progress: bool = False, log=print,
+            save_ref_logits=None) -> list[Row]:
+    """Rows for the reference (if a model) and for each model x (float KV, each of ``kv_bits``).
+    ``save_ref_logits``: keep the reference model's logits file there (else a temporary file), for later runs."""
     from .kld import kl_divergence
     from .perplexity import perplexity
 
@@ -108,8 +109,9 @@ def compare(models: list[str], ids, *, ref: str | None = None, ref_logits=None, 
             name, src = parse_spec(ref)
             log(f"reference {name}: scoring the text")
             model, tok, folder, wgb = _load(src, dtype, widen)
-            tmp = tempfile.TemporaryDirectory(prefix="mlx-gemma-compare-")
-            ref_logits = Path(tmp.name) / "reference.logits"
+            if save_ref_logits is None:
+                tmp = tempfile.TemporaryDirectory(prefix="mlx-gemma-compare-")
+            ref_logits = Path(save_ref_logits or Path(tmp.name) / "reference.logits")
             p = perplexity(model, ids, context=context, stride=stride, chunk=chunk,
                            save_logits=ref_logits, logits_top_k=logits_top_k, progress=progress)
             if p.interrupted:
