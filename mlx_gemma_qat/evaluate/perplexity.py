@@ -61,7 +61,7 @@ def perplexity(model, ids, *, context: int = 2048, stride: int | None = None, bo
     bos_id = int(ids[0]) if bos_id is None and ids.size else bos_id
     windows = plan_windows(ids.size, context, stride, context_limit(model))
     writer = LogitsWriter(save_logits, ids, windows, vocab_size(model), logits_top_k) if save_logits else None
-    nll, done, interrupted, n = [], 0, False, 0
+    nll, done, interrupted, finished, n = [], 0, False, False, 0
     ends = windows.scored_ends()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
@@ -76,12 +76,13 @@ def perplexity(model, ids, *, context: int = 2048, stride: int | None = None, bo
             bar.update(p.targets.size)
             n += p.targets.size
             done = p.window + int(n == ends[p.window])
+        finished = True
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         if writer:
-            writer.close(complete=not interrupted)
+            writer.close(complete=finished)  # an error or Ctrl-C leaves no file
     seconds = time.perf_counter() - t0
     # statistics over completed windows only (a window cut by Ctrl-C is dropped)
     all_nll = np.concatenate(nll) if nll else np.zeros(0)
