@@ -21,4 +21,4 @@ demo: install-demo
 
 # The whole test suite (what CI runs).
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10

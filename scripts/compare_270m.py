@@ -52,16 +52,9 @@ def compare(args: list[str]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | bits/weight (stored) | weights GB (stored) | MLX memory GB (weights / peak) | perplexity | "
-           "mean KLD | 99% KLD | same top | decode tok/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        kld = "—" if r["kld_mean"] is None else f"{r['kld_mean']:.4f} ± {r['kld_error']:.4f}"
-        out.append(f"| {r['name']} | {r['bits_per_weight']:.2f} | {r['stored_gb']:.3f} | {r['weights_gb']:.3f} / "
-                   f"{r['peak_gb']:.2f} | {r['ppl']:.3f} ± {r['ppl_error']:.3f} | {kld} | "
-                   f"{'—' if r['kld_99'] is None else format(r['kld_99'], '.3f')} | "
-                   f"{'—' if r['same_top'] is None else format(100 * r['same_top'], '.1f') + '%'} | "
-                   f"{r['decode_tps']:.2f} |")
-    return "\n".join(out)
+    from mlx_gemma_qat.evaluate.compare import Row, format_table
+
+    return format_table([Row(**r) for r in rows])
 
 
 def main():

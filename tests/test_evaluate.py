@@ -99,6 +99,15 @@ def test_perplexity_through_the_cache_equals_full_passes(tiny, stride):
     assert math.isclose(r.ppl_error, r.ppl * nll.std() / math.sqrt(nll.size - 1), rel_tol=1e-3)
 
 
+def test_token_nll_scores_every_position_of_one_window(tiny):
+    from mlx_gemma_qat.evaluate.scoring import token_nll
+
+    _, models, ids = tiny
+    lp = full_logprobs(models["q4_0"], ids[:100])
+    np.testing.assert_allclose(token_nll(models["q4_0"], ids[:100], chunk=32), -lp[np.arange(99), ids[1:100]],
+                               atol=2e-4)
+
+
 def test_kld_statistics_match_numpy(tiny):
     _, models, ids = tiny
     q, ref = models["affine"], models["float"]
