@@ -175,22 +175,22 @@ def plot(rows: list[Row], path, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("the plot needs matplotlib: pip install 'mlx-gemma-qat[plot]'") from None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in rows:
-        if r.kld is None:
-            continue
-        x = np.sort(np.maximum(r.kld, 1e-7))
-        a.plot(x, np.arange(1, x.size + 1) / x.size, label=f"{r.name} (mean {r.kld_mean:.4f})")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5.5))
+    for i, r in enumerate(rows):  # one colour per row in both panels
+        color = f"C{i % 10}"
+        if r.kld is not None:
+            x = np.sort(np.maximum(r.kld, 1e-7))
+            a.plot(x, np.arange(1, x.size + 1) / x.size, color=color, linestyle=("-", "--", "-.", ":")[i % 4],
+                   label=f"{r.name} (mean {r.kld_mean:.4f})")  # dashes keep identical curves apart
+        b.errorbar(r.bits_per_weight, r.ppl, yerr=r.ppl_error, fmt="*" if r.kld is None else "o", color=color,
+                   ms=12 if r.kld is None else 7, capsize=3, label=r.name)
     a.set_xscale("log")
-    a.set_xlabel("per-token KL divergence from the reference (nats, log scale)")
+    a.set_xlabel("per-token KL divergence from the reference (nats, log scale; 1e-7 and below at 1e-7)")
     a.set_ylabel("fraction of tokens at or below")
     a.set_title("KLD distribution (further left is closer)")
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
-    for r in rows:
-        marker = "*" if r.kld is None else "o"
-        b.errorbar(r.bits_per_weight, r.ppl, yerr=r.ppl_error, fmt=marker, ms=10 if marker == "*" else 6, capsize=3)
-        b.annotate(r.name, (r.bits_per_weight, r.ppl), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    b.legend(fontsize=8)
     b.set_xlabel("bits per weight (all weights, as stored)")
     b.set_ylabel("perplexity")
     b.set_title("perplexity vs size (* = reference)")
