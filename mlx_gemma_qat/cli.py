@@ -463,7 +463,7 @@ def kld(model, ref, ref_logits, text_file, dataset, split, ds_config, field, con
     r_model = load(ref, dtype=dtype, widen=widen)[0] if ref is not None else None
     r = kl_divergence(m, ids, ref_model=r_model, ref_logits=ref_logits, context=context, stride=stride,
                       bos_id=tok.bos_token_id, chunk=chunk, kv_bits=kv_bits, kv_group_size=int(kv_group_size),
-                      progress=not quiet, reference_name=ref or ref_logits)
+                      progress=not quiet, reference_name=ref or ref_logits, max_windows=n_windows)
     _emit(r, as_json)
 
 

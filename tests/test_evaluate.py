@@ -252,6 +252,8 @@ def test_cli_perplexity_kld_compare(tiny, tmp_path):
     r = run(main, ["kld", "-m", str(folders["q4_0"]), "--ref-logits", f, "--quiet"])
     assert r.exit_code == 0, r.output
     assert "Mean    KLD:" in r.output and "Same top p:" in r.output and "99.9%   KLD:" in r.output
+    r = run(main, ["kld", "-m", str(folders["q4_0"]), "--ref-logits", f, "--windows", "2", "--json", "--quiet"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["tokens"] == 2 * 31, r.output
     png = tmp_path / "cmp.png"
     r = run(main, ["compare", f"Q4_0={folders['q4_0']}", str(folders["affine"]), "--ref", str(folders["float"]),
                    "--text", str(text), "-c", "64", "--windows", "2", "--kv-bits", "8", "--kv-group-size", "32", "--decode-tokens", "4",

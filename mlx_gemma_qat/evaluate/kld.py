@@ -15,7 +15,7 @@ import numpy as np
 from .reference import LogitsFile, RefPiece, check_vocab
 from .scoring import Piece, context_limit, scored_logprobs, vocab_size
 from .stats import KLDStats
-from .windows import plan_windows
+from .windows import Windows, plan_windows
 
 
 def kld_piece(q: Piece, ref: RefPiece) -> dict[str, np.ndarray]:
@@ -78,9 +78,11 @@ class KLDResult:
 
 def kl_divergence(model, ids=None, *, ref_model=None, ref_logits=None, context: int = 2048, stride: int | None = None,
                   bos_id: int | None = None, chunk: int = 256, kv_bits: int | None = None, kv_group_size: int = 64,
-                  ref_kv_bits: int | None = None, progress: bool = False, reference_name: str | None = None) -> KLDResult:
+                  ref_kv_bits: int | None = None, progress: bool = False, reference_name: str | None = None,
+                  max_windows: int | None = None) -> KLDResult:
     """KL divergence of ``model`` against ``ref_model`` (on ``ids``, over ``plan_windows(context, stride)``) or
-    against a saved ``ref_logits`` file (its own tokens and windows; ``ids``, if given, must equal them).
+    against a saved ``ref_logits`` file (its own tokens and windows, the first ``max_windows`` of them; ``ids``, if
+    given, must equal them).
     Ctrl-C returns the statistics of the completed windows (``interrupted``)."""
     if (ref_model is None) == (ref_logits is None):
         raise ValueError("give a reference model or a reference logits file (one of them)")
@@ -93,6 +95,9 @@ def kl_divergence(model, ids=None, *, ref_model=None, ref_logits=None, context: 
             raise ValueError(f"{ref_logits} was computed on other tokens than this text (another text, tokenizer "
                              "or window settings): compute it again on this text")
         ids, windows = ref_file.ids, ref_file.windows
+        if max_windows is not None and max_windows < windows.count:  # the file's first windows only
+            ids = ids[: windows.start(max_windows - 1) + windows.context]
+            windows = Windows(ids.size, windows.context, windows.stride)
         if windows.context > context_limit(model):
             raise ValueError(f"{ref_logits} uses a context of {windows.context}, larger than the model's "
                              f"({context_limit(model)})")
