@@ -39,7 +39,7 @@ class PerplexityResult:
 
     def format(self) -> str:
         head = (f"perplexity {self.ppl:.4f} ± {self.ppl_error:.4f} over {self.tokens} tokens "
-                f"({self.windows} windows of {self.context}"
+                f"({self.windows} window{'s' * (self.windows != 1)} of {self.context}"
                 + (f", stride {self.stride}" if self.stride != self.context else "") + ")")
         if self.interrupted:
             head = f"interrupted after {self.windows} of {self.windows_planned} windows: partial " + head
