@@ -68,7 +68,7 @@ class KLDResult:
         return d | self.stats.to_dict()
 
     def format(self) -> str:
-        head = (f"KL divergence against {self.reference}: {self.stats.tokens} tokens, {self.windows} windows of "
+        head = (f"KL divergence against {self.reference}: {self.stats.tokens} tokens, {self.windows} window{'s' * (self.windows != 1)} of "
                 f"{self.context}" + (f", stride {self.stride}" if self.stride != self.context else ""))
         if self.interrupted:
             head = f"interrupted after {self.windows} of {self.windows_planned} windows: partial results. " + head
