@@ -106,7 +106,8 @@ def generate_step(
             y, lp = ny, nlp
 
 
-def _context_limit(model) -> int:
+def context_limit(model) -> int:
+    """The model's context in tokens (a multimodal model's ``cfg`` is its text config)."""
     return int(model.cfg.max_position_embeddings)
 
 
@@ -275,7 +276,7 @@ def stream_generate(
     ids = encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=len(images or []),
                         image_ids=image_token_ids(model), crops=crops)
     used = cache[0].offset if cache else 0  # tokens an earlier turn left in a reused cache
-    limit = _context_limit(model) - used
+    limit = context_limit(model) - used
     if not ids:
         raise ValueError("empty prompt")
     if max_tokens < 1:

@@ -6,14 +6,14 @@ saved once (``reference.py``), so a large reference need not stay in memory besi
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
 from .reference import LogitsFile, RefPiece, check_vocab
-from .scoring import Piece, context_limit, scored_logprobs, vocab_size
+from ..generate import context_limit
+from .scoring import Piece, Tally, scored_logprobs
 from .stats import KLDStats
 from .windows import Windows, plan_windows
 
@@ -86,7 +86,7 @@ def kl_divergence(model, ids=None, *, ref_model=None, ref_logits=None, context: 
     Ctrl-C returns the statistics of the completed windows (``interrupted``)."""
     if (ref_model is None) == (ref_logits is None):
         raise ValueError("give a reference model or a reference logits file (one of them)")
-    vocab = vocab_size(model)
+    vocab = model.cfg.vocab_size
     ref_file = None
     if ref_logits is not None:
         ref_file = LogitsFile(ref_logits)
@@ -102,48 +102,37 @@ def kl_divergence(model, ids=None, *, ref_model=None, ref_logits=None, context: 
             raise ValueError(f"{ref_logits} uses a context of {windows.context}, larger than the model's "
                              f"({context_limit(model)})")
     else:
-        check_vocab(vocab_size(ref_model), vocab, "the reference model")
+        check_vocab(ref_model.cfg.vocab_size, vocab, "the reference model")
         ids = np.asarray(ids, np.int32)
         windows = plan_windows(ids.size, context, stride, min(context_limit(model), context_limit(ref_model)))
     bos_id = int(ids[0]) if bos_id is None and ids.size else bos_id
     kw = dict(bos_id=bos_id, chunk=chunk, kv_group_size=kv_group_size)
     mine = scored_logprobs(model, ids, windows, kv_bits=kv_bits, **kw)
     theirs = None if ref_file else scored_logprobs(ref_model, ids, windows, kv_bits=ref_kv_bits, **kw)
-    parts, done, n, interrupted = [], 0, 0, False
-    ends = windows.scored_ends()
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    from tqdm import tqdm
-
-    bar = tqdm(total=windows.total_scored, unit="tok", desc="KL divergence", disable=not progress, leave=False)
+    parts = []
+    tally = Tally(windows, "KL divergence", progress)
     try:
         for q in mine:
             if ref_file is not None:
                 r = ref_file.read(q.targets.size)
             else:
-                p = next(theirs)
-                r = RefPiece(target_logprobs=None, full=p.logprobs)
+                r = RefPiece(target_logprobs=None, full=next(theirs).logprobs)
             parts.append(kld_piece(q, r))
-            bar.update(q.targets.size)
-            n += q.targets.size
-            done = q.window + int(n == ends[q.window])
+            tally.add(q)
     except KeyboardInterrupt:
-        interrupted = True
+        tally.interrupted = True
     finally:
-        bar.close()
         if ref_file is not None:
             ref_file.close()
-    seconds = time.perf_counter() - t0
-    if done == 0:
-        raise KeyboardInterrupt("interrupted before the first window finished")
-    cut = ends[done - 1]
+    cut = tally.close()
     cat = {k: np.concatenate([p[k] for p in parts])[:cut] for k in parts[0]}
     stats = KLDStats.of(cat["nll"], cat["nll_ref"], cat["kld"], cat["same_top"])
+    done, seconds = tally.done, tally.seconds
     evaluated = done * windows.context * (1 if ref_file else 2)
     return KLDResult(stats=stats, windows=done, windows_planned=windows.count, context=windows.context,
                      stride=windows.stride, seconds=seconds, tokens_per_s=evaluated / seconds if seconds else 0.0,
                      reference=reference_name or str(ref_logits or "the reference model"), kv_bits=kv_bits,
-                     interrupted=interrupted, peak_memory_gb=mx.get_peak_memory() / 1e9, kld=cat["kld"])
+                     interrupted=tally.interrupted, peak_memory_gb=tally.peak_memory_gb, kld=cat["kld"])
 
 
 __all__ = ["kl_divergence", "kld_piece", "KLDResult"]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
 from .reference import LogitsWriter
-from .scoring import context_limit, scored_logprobs, vocab_size
+from ..generate import context_limit
+from .scoring import Tally, scored_logprobs
 from .stats import PerplexityStats
-from .windows import Windows, plan_windows
+from .windows import plan_windows
 
 
 @dataclass
@@ -60,12 +60,9 @@ def perplexity(model, ids, *, context: int = 2048, stride: int | None = None, bo
     ids = np.asarray(ids, dtype=np.int32)
     bos_id = int(ids[0]) if bos_id is None and ids.size else bos_id
     windows = plan_windows(ids.size, context, stride, context_limit(model))
-    writer = LogitsWriter(save_logits, ids, windows, vocab_size(model), logits_top_k) if save_logits else None
-    nll, done, interrupted, finished, n = [], 0, False, False, 0
-    ends = windows.scored_ends()
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    bar = _bar(windows, progress)
+    writer = LogitsWriter(save_logits, ids, windows, model.cfg.vocab_size, logits_top_k) if save_logits else None
+    nll, finished = [], False
+    tally = Tally(windows, "scoring", progress)
     try:
         for p in scored_logprobs(model, ids, windows, bos_id=bos_id, chunk=chunk, kv_bits=kv_bits,
                                  kv_group_size=kv_group_size):
@@ -73,33 +70,21 @@ def perplexity(model, ids, *, context: int = 2048, stride: int | None = None, bo
             nll.append(-np.array(t, dtype=np.float64))
             if writer:
                 writer.add(p.logprobs, p.targets)
-            bar.update(p.targets.size)
-            n += p.targets.size
-            done = p.window + int(n == ends[p.window])
+            tally.add(p)
         finished = True
     except KeyboardInterrupt:
-        interrupted = True
+        tally.interrupted = True
     finally:
-        bar.close()
         if writer:
             writer.close(complete=finished)  # an error or Ctrl-C leaves no file
-    seconds = time.perf_counter() - t0
-    # statistics over completed windows only (a window cut by Ctrl-C is dropped)
-    all_nll = np.concatenate(nll) if nll else np.zeros(0)
-    all_nll = all_nll[: ends[done - 1] if done else 0]
-    if all_nll.size == 0:
-        raise KeyboardInterrupt("interrupted before the first window finished")
+    cut = tally.close()
+    all_nll = np.concatenate(nll)[:cut]
     s = PerplexityStats.of(all_nll)
+    done, seconds = tally.done, tally.seconds
     evaluated = done * windows.context
     return PerplexityResult(
         ppl=s.ppl, ppl_error=s.ppl_error, tokens=s.tokens, windows=done, windows_planned=windows.count,
         context=windows.context, stride=windows.stride, evaluated_tokens=evaluated, seconds=seconds,
-        tokens_per_s=evaluated / seconds if seconds > 0 else 0.0, kv_bits=kv_bits, interrupted=interrupted,
-        peak_memory_gb=mx.get_peak_memory() / 1e9, logits_file=str(save_logits) if writer and not interrupted else None,
+        tokens_per_s=evaluated / seconds if seconds > 0 else 0.0, kv_bits=kv_bits, interrupted=tally.interrupted,
+        peak_memory_gb=tally.peak_memory_gb, logits_file=str(save_logits) if writer and finished else None,
         nll=all_nll)
-
-
-def _bar(windows: Windows, show: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=windows.total_scored, unit="tok", desc="scoring", disable=not show, leave=False)

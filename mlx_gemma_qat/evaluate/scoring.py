@@ -8,12 +8,14 @@ vocabulary the head is most of the cost of a small model.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
 
+from ..model.multimodal import text_model
 from .windows import Windows
 
 
@@ -22,18 +24,6 @@ class Piece:
     window: int
     logprobs: mx.array  # (n, vocab) float32 log-softmax at n consecutive scored positions
     targets: np.ndarray  # (n,) int32: the tokens those positions predict
-
-
-def text_model(model):
-    return getattr(model, "language_model", model)
-
-
-def vocab_size(model) -> int:
-    return int(text_model(model).cfg.vocab_size)
-
-
-def context_limit(model) -> int:
-    return int(text_model(model).cfg.max_position_embeddings)
 
 
 def window_tokens(ids: np.ndarray, windows: Windows, k: int, bos_id: int) -> np.ndarray:
@@ -64,6 +54,35 @@ def scored_logprobs(model, ids: np.ndarray, windows: Windows, *, bos_id: int, ch
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             mx.eval(lp, [c.state for c in cache])
             yield Piece(k, lp, ids[s + lo + 1 : s + hi + 1])
+
+
+class Tally:
+    """Progress of a scoring run: a bar of scored tokens, the clock and peak memory, and which windows are
+    complete, so that Ctrl-C yields statistics over completed windows only (a window cut short is dropped)."""
+
+    def __init__(self, windows: Windows, desc: str, show: bool):
+        from tqdm import tqdm
+
+        self.ends = windows.scored_ends()  # scored tokens in windows 0..k
+        self.n = self.done = 0
+        self.interrupted = False
+        self.bar = tqdm(total=windows.total_scored, unit="tok", desc=desc, disable=not show, leave=False)
+        mx.reset_peak_memory()
+        self.t0 = time.perf_counter()
+
+    def add(self, piece: Piece) -> None:
+        self.n += piece.targets.size
+        self.bar.update(piece.targets.size)
+        self.done = piece.window + int(self.n == self.ends[piece.window])
+
+    def close(self) -> int:
+        """Stop the clock; return how many scored tokens the completed windows hold."""
+        self.bar.close()
+        self.seconds = time.perf_counter() - self.t0
+        self.peak_memory_gb = mx.get_peak_memory() / 1e9
+        if self.done == 0:
+            raise KeyboardInterrupt("interrupted before the first window finished")
+        return self.ends[self.done - 1]
 
 
 def token_nll(model, ids, chunk: int = 256, kv_bits: int | None = None, kv_group_size: int = 64) -> np.ndarray:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..model.multimodal import text_model  # noqa: F401  (adapters live in the text model; trainer imports it here)
 from ..model.quantized import Embedding, Linear, QuantizedEmbedding, QuantizedLinear
 from .layers import KINDS, AdapterError, LoRAEmbedding, LoRALinear, group_size_of, wrap
 
@@ -47,11 +48,6 @@ class AdapterConfig:
     def from_dict(cls, d: dict) -> "AdapterConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
-
-
-def text_model(model) -> nn.Module:
-    """The text model (a multimodal model's language model): adapters live there; the vision tower stays frozen."""
-    return getattr(model, "language_model", model)
 
 
 def _targets(text: nn.Module, cfg: AdapterConfig) -> list[str]:

@@ -18,6 +18,11 @@ from .text import Model as TextModel
 from .vision import MultiModalProjector, SiglipVisionModel, VisionConfig
 
 
+def text_model(model) -> nn.Module:
+    """The text model (a multimodal model's language model; a text-only model itself)."""
+    return getattr(model, "language_model", model)
+
+
 @dataclass
 class MultimodalConfig:
     text: TextConfig
