@@ -123,21 +123,21 @@ def compare(models: list[str], ids, *, ref: str | None = None, ref_logits=None, 
             _free()
         for spec in models:
             name, src = parse_spec(spec)
+            model, tok, folder, wgb = _load(src, dtype, widen)  # once per model: KV variants share it
+            bpw, sgb = stored_bits(folder)
             for bits in (None, *kv_bits):
                 label = name if bits is None else f"{name}, KV {bits}-bit"
                 log(f"{label}: scoring the text")
-                model, tok, folder, wgb = _load(src, dtype, widen)
                 k = kl_divergence(model, ids, ref_logits=ref_logits, chunk=chunk,
                                   kv_bits=bits, kv_group_size=kv_group_size, progress=progress)
                 s = k.stats
-                bpw, sgb = stored_bits(folder)
                 rows.append(Row(label, src, bits, bpw, sgb, wgb, k.peak_memory_gb, s.ppl, s.ppl_error, s.kld_mean,
                                 s.kld_error, s.kld_percentiles["99"], s.same_top,
                                 decode_speed(model, prompt, decode_tokens, bits, kv_group_size), k.kld))
-                del model
-                _free()
                 if k.interrupted:
                     raise KeyboardInterrupt
+            del model
+            _free()
     except KeyboardInterrupt:
         log(f"interrupted: {len(rows)} rows done")
     finally:
