@@ -93,3 +93,67 @@ def test_reported_cache_memory_is_what_mlx_holds():
     step_ctx = -(-1124 // 256) * 256
     per_tok = 2 * 2 * 256 * 4
     assert cache_nbytes(cache) == per_tok * (5 * 64 + 1 * step_ctx)
+
+
+def _run(model, cache, tokens, chunks):
+    outs, pos = [], 0
+    for n in chunks:
+        outs.append(model(tokens[:, pos : pos + n], cache=cache))
+        mx.eval(outs[-1])
+        pos += n
+    return mx.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+@pytest.mark.parametrize("chunks", [[1] * 40, [20] + [1] * 20, [5, 13, 1, 1, 9, 1, 10]])
+def test_slack_cache_equals_plain(tiny_model, chunks, kv_bits):
+    """Keys kept beyond the window (slack) are masked by position: logits equal a plain cache's."""
+    tokens = mx.array(np.random.default_rng(4).integers(0, 256, (1, sum(chunks))))
+    plain = _run(tiny_model, tiny_model.make_cache(kv_bits, 32), tokens, chunks)
+    cache = tiny_model.make_cache(kv_bits, 32, slack=5)
+    slack = _run(tiny_model, cache, tokens, chunks)
+    np.testing.assert_allclose(np.array(slack), np.array(plain), atol=2e-5, rtol=1e-5)
+    window = tiny_model.cfg.sliding_window
+    from mlx_gemma_qat.model.cache import _length
+
+    assert all(_length(c.keys) == window + 5 for c in cache if isinstance(c, RotatingKVCache))
+
+
+@pytest.mark.parametrize("kv_bits", [None, 4])
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_trim_then_continue_equals_fresh(tiny_model, n, kv_bits):
+    """Past the window, a cache with slack steps back n <= slack tokens; continuing on other tokens gives the
+    logits of a fresh run over the new sequence. Without slack (or past it) trimming is refused."""
+    rng = np.random.default_rng(5)
+    a = mx.array(rng.integers(0, 256, (1, 30)))  # window is 8: well past it
+    tail = mx.array(rng.integers(0, 256, (1, 6)))
+    cache = tiny_model.make_cache(kv_bits, 32, slack=5)
+    _run(tiny_model, cache, a, [12, 1, 1, 16])
+    from mlx_gemma_qat.model.cache import can_trim, trim_cache
+
+    assert can_trim(cache, n) and not can_trim(cache, 6)
+    trim_cache(cache, n)
+    assert cache[0].offset == 30 - n
+    got = _run(tiny_model, cache, tail, [2, 1, 1, 1, 1])
+    fresh_cache = tiny_model.make_cache(kv_bits, 32)
+    want = _run(tiny_model, fresh_cache, mx.concatenate([a[:, : 30 - n], tail], axis=1), [30 - n, 2, 1, 1, 1, 1])
+    np.testing.assert_allclose(np.array(got), np.array(want[:, 30 - n :]), atol=2e-4, rtol=1e-4)
+    plain = tiny_model.make_cache(kv_bits, 32)
+    _run(tiny_model, plain, a, [30])
+    assert not can_trim(plain, 1) and can_trim(plain, 0)
+    with pytest.raises(ValueError, match="cannot trim"):
+        trim_cache(plain, 1)
+
+
+def test_trim_before_window_fills(tiny_model):
+    """Before the window fills, any step back is possible, also without slack."""
+    cache = tiny_model.make_cache()
+    tokens = mx.array(np.random.default_rng(6).integers(0, 256, (1, 7)))
+    _run(tiny_model, cache, tokens, [7])
+    from mlx_gemma_qat.model.cache import can_trim, trim_cache
+
+    assert can_trim(cache, 7)
+    trim_cache(cache, 4)
+    got = _run(tiny_model, cache, tokens[:, 3:5], [2])
+    want = tiny_model(tokens[:, :5])
+    np.testing.assert_allclose(np.array(got), np.array(want[:, 3:5]), atol=2e-4, rtol=1e-4)

@@ -13,8 +13,10 @@ quantized keys; ``update_and_fetch`` then hands back triples and attention uses 
 path serves both forms: stored k/v are an array or a tuple of arrays, handled leaf by leaf (``tree_map``).
 Unlike mlx-lm (whose rotating cache cannot be quantized), the sliding layers keep their window bound.
 
-Memory: a sliding layer never holds more than ``window`` keys and values; a global layer holds the
-context rounded up to ``step`` tokens. ``cache_nbytes`` reports what is allocated (packed words, scales
+Memory: a sliding layer never holds more than ``window`` keys and values (``window + slack`` when made
+with ``slack``: the extra keys, masked out by position, let ``trim`` step back ``slack`` tokens after the
+window has filled, which a server needs to reuse a conversation whose last tokens it re-renders
+differently); a global layer holds the context rounded up to ``step`` tokens. ``cache_nbytes`` reports what is allocated (packed words, scales
 and biases included), not an estimate.
 """
 
@@ -104,8 +106,18 @@ class KVCache(_Cache):
         self.offset = 0  # number of tokens seen
 
     def key_positions(self, length: int) -> mx.array | None:
-        """Absolute positions of the keys the next ``update_and_fetch`` of ``length`` tokens returns."""
-        return mx.arange(self.offset + length)
+        """Absolute positions of the keys the next ``update_and_fetch`` of ``length`` tokens returns (None
+        for one new token: it sees every key)."""
+        return None if length == 1 else mx.arange(self.offset + length)
+
+    def can_trim(self, n: int) -> bool:
+        return 0 <= n <= self.offset
+
+    def trim(self, n: int) -> None:
+        """Forget the newest ``n`` tokens (the buffer keeps them until overwritten; ``fetch`` stops before)."""
+        if not self.can_trim(n):
+            raise ValueError(f"cannot trim {n} of {self.offset} tokens")
+        self.offset -= n
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         self._append(self._quantize(k), self._quantize(v))
@@ -155,28 +167,43 @@ class KVCache(_Cache):
 class RotatingKVCache(_Cache):
     """Window-sized cache for sliding-window layers.
 
-    Holds at most ``window`` keys: the current token plus the ``window - 1`` before it, which is all
-    a sliding layer can see. Single-token decode writes into a ring; a multi-token chunk is attended
-    against the ordered history plus itself, and then the newest ``window`` keys are kept.
+    Holds at most ``window + slack`` keys: the current token plus the ``window - 1`` before it, which is
+    all a sliding layer can see, and ``slack`` older ones that only ``trim`` uses (masked by position).
+    Single-token decode writes into a ring; a multi-token chunk is attended against the ordered history
+    plus itself, and then the newest ``window + slack`` keys are kept.
     """
 
-    def __init__(self, window: int, bits: int | None = None, group_size: int = 64):
+    def __init__(self, window: int, bits: int | None = None, group_size: int = 64, slack: int = 0):
         if window < 1:
             raise ValueError("window must be >= 1")
+        if slack < 0:
+            raise ValueError("slack must be >= 0")
         self._init_quant(bits, group_size)
         self.window = window
+        self.slack = slack
         self.keys = None
         self.values = None
         self.offset = 0  # number of tokens seen
         self._start = 0  # ring index of the oldest key once the buffer is full
 
+    @property
+    def capacity(self) -> int:
+        return self.window + self.slack
+
     def _ring_step(self, length: int) -> bool:
-        return length == 1 and self._size() == self.window
+        return length == 1 and self._size() == self.capacity
 
     def key_positions(self, length: int) -> mx.array | None:
-        if self._ring_step(length):
-            return None  # every key in the ring is visible to the new token
+        """Absolute positions of the keys the next ``update_and_fetch`` of ``length`` tokens returns, in the
+        order it returns them (None when one new token sees them all)."""
         n = self._size()
+        if self._ring_step(length):
+            if not self.slack:
+                return None  # every key in the ring is visible to the new token
+            # after the write, ring slot i holds position offset - ((start - i) mod capacity)
+            return self.offset - (self._start - mx.arange(n)) % n
+        if length == 1 and n < self.window:
+            return None
         return mx.arange(self.offset - n, self.offset + length)
 
     def _ordered(self):
@@ -190,17 +217,36 @@ class RotatingKVCache(_Cache):
         return tree_map(unroll, self.keys), tree_map(unroll, self.values)
 
     def fetch(self):
-        """The keys and values held (the last min(offset, window) tokens), oldest first."""
+        """The keys and values held (the last min(offset, window) tokens, or up to ``slack`` more), oldest first."""
         return self._ordered()
 
     def restore(self, keys, values, offset: int) -> None:
-        """Hold ``keys``/``values`` (the last min(offset, window) tokens, oldest first) after ``offset`` tokens."""
+        """Hold ``keys``/``values`` (the last min(offset, window) tokens, or up to ``slack`` more; oldest first)
+        after ``offset`` tokens."""
         n = 0 if keys is None else _length(keys)
-        if n != min(offset, self.window):
+        if not min(offset, self.window) <= n <= min(offset, self.capacity):
             raise ValueError(f"a window-{self.window} cache after {offset} tokens holds {min(offset, self.window)} "
                              f"keys, not {n}")
         self.keys, self.values = (keys, values) if n else (None, None)
         self.offset, self._start = offset, 0
+
+    def can_trim(self, n: int) -> bool:
+        """Whether the newest ``n`` tokens can be forgotten: what is left must still hold the window."""
+        return 0 <= n <= self.offset and self._size() - n >= min(self.offset - n, self.window)
+
+    def trim(self, n: int) -> None:
+        """Forget the newest ``n`` tokens (possible for up to ``slack`` tokens once the window has filled)."""
+        if not self.can_trim(n):
+            raise ValueError(f"cannot trim {n} of {self.offset} tokens from a window-{self.window} cache holding "
+                             f"{self._size()} (slack {self.slack})")
+        if n == 0:
+            return
+        keys, values = self._ordered()
+        keep = self._size() - n
+        self.keys = tree_map(lambda x: x[..., :keep, :], keys) if keep else None
+        self.values = tree_map(lambda x: x[..., :keep, :], values) if keep else None
+        self.offset -= n
+        self._start = 0
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         k, v = self._quantize(k), self._quantize(v)
@@ -213,7 +259,7 @@ class RotatingKVCache(_Cache):
 
             tree_map(put, self.keys, k)
             tree_map(put, self.values, v)
-            self._start = (s + 1) % self.window
+            self._start = (s + 1) % self.capacity
             self.offset += 1
             return self.keys, self.values
         if self.keys is None:
@@ -223,22 +269,23 @@ class RotatingKVCache(_Cache):
             keys, values = _cat(ok, k), _cat(ov, v)
         self.offset += L
         self._start = 0
-        if _length(keys) > self.window:
+        if _length(keys) > self.capacity:
             # a copy, not a view: a view would keep the whole (history + chunk) buffer alive
-            w = self.window
-            self.keys = tree_map(lambda x: mx.contiguous(x[..., -w:, :]), keys)
-            self.values = tree_map(lambda x: mx.contiguous(x[..., -w:, :]), values)
+            c = self.capacity
+            self.keys = tree_map(lambda x: mx.contiguous(x[..., -c:, :]), keys)
+            self.values = tree_map(lambda x: mx.contiguous(x[..., -c:, :]), values)
         else:
             self.keys, self.values = keys, values
         return keys, values
 
 
-def make_cache(config, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
+def make_cache(config, kv_bits: int | None = None, kv_group_size: int = 64, slack: int = 0) -> list:
     """One cache per layer: rotating (window) on sliding layers, growing on global ones; ``kv_bits`` quantizes
-    both kinds (groups of ``kv_group_size`` along head_dim)."""
+    both kinds (groups of ``kv_group_size`` along head_dim); ``slack``: tokens a sliding layer keeps beyond
+    its window so the cache can be trimmed back that far."""
     check_kv_quantization(kv_bits, kv_group_size, config.head_dim)
     return [
-        RotatingKVCache(config.sliding_window, kv_bits, kv_group_size) if config.is_sliding(i)
+        RotatingKVCache(config.sliding_window, kv_bits, kv_group_size, slack) if config.is_sliding(i)
         else KVCache(kv_bits, kv_group_size)
         for i in range(config.num_hidden_layers)
     ]
@@ -246,6 +293,17 @@ def make_cache(config, kv_bits: int | None = None, kv_group_size: int = 64) -> l
 
 def cache_nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
+
+
+def can_trim(cache: list, n: int) -> bool:
+    return all(c.can_trim(n) for c in cache)
+
+
+def trim_cache(cache: list, n: int) -> None:
+    """Forget the newest ``n`` tokens on every layer (check ``can_trim`` first: a failure leaves layers
+    trimmed)."""
+    for c in cache:
+        c.trim(n)
 
 
 def copy_cache(cache: list) -> list:

@@ -93,8 +93,8 @@ class Model(nn.Module):
     def head(self, h):
         return self.language_model.head(h)
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64):
-        return self.language_model.make_cache(kv_bits, kv_group_size)
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, slack: int = 0):
+        return self.language_model.make_cache(kv_bits, kv_group_size, slack)
 
     def __call__(self, inputs, cache=None, input_embeddings=None, image_groups=None):
         return self.language_model(inputs, cache, input_embeddings, image_groups)

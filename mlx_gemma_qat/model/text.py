@@ -137,8 +137,6 @@ class Gemma3Model(nn.Module):
 
     def _masks(self, L: int, cache: list | None, groups: mx.array | None) -> dict[bool, mx.array | None]:
         """One mask per layer kind (keyed by is_sliding), from the positions its caches report."""
-        if L == 1:
-            return {True: None, False: None}  # a new token sees every key its cache hands back
         cfg = self.cfg
         offset = cache[0].offset if cache is not None else 0
         q_pos = mx.arange(offset, offset + L)
@@ -146,7 +144,7 @@ class Gemma3Model(nn.Module):
         for sliding in (True, False):
             idx = next((i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding), None)
             if idx is not None:
-                k_pos = mx.arange(L) if cache is None else cache[idx].key_positions(L)
+                k_pos = (mx.arange(L) if L > 1 else None) if cache is None else cache[idx].key_positions(L)
                 masks[sliding] = attention_mask(q_pos, k_pos, cfg.sliding_window if sliding else None, groups)
         return masks
 
@@ -190,7 +188,8 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
+    def make_cache(self, kv_bits: int | None = None, kv_group_size: int = 64, slack: int = 0) -> list:
         """Fresh KV caches, one per layer; ``kv_bits`` (2-6 or 8) stores keys and values quantized in groups
-        of ``kv_group_size`` along head_dim, on sliding and global layers alike."""
-        return make_cache(self.cfg, kv_bits, kv_group_size)
+        of ``kv_group_size`` along head_dim, on sliding and global layers alike; ``slack`` extra tokens on
+        sliding layers make the cache trimmable that far back (see ``cache.RotatingKVCache``)."""
+        return make_cache(self.cfg, kv_bits, kv_group_size, slack)
