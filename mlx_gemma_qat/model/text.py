@@ -45,6 +45,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         if cfg.is_sliding(layer):
             self.rope_base, self.rope_scale = cfg.rope_local_base_freq, 1.0
         else:
@@ -56,20 +57,32 @@ class Attention(nn.Module):
         )
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache: Any = None) -> mx.array:
+        """``cache``: one layer cache, or a list of them for batched decode (row b of a one-token ``x``
+        continues the sequence of ``cache[b]``; projections run batched, attention row by row)."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if isinstance(cache, list):
+            out = mx.concatenate([self._attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], self._decode_mask(c), c)
+                                  for b, c in enumerate(cache)])
+        else:
+            out = self._attend(q, k, v, mask, cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _decode_mask(self, cache) -> mx.array | None:
+        """The mask of one new token against ``cache`` (None when it sees every key)."""
+        return attention_mask(mx.array([cache.offset]), cache.key_positions(1), self.window)
+
+    def _attend(self, q, k, v, mask, cache):
         offset = cache.offset if cache is not None else 0
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):  # a quantized cache hands back (packed, scales, biases) triples
-            out = quantized_scaled_dot_product_attention(
+            return quantized_scaled_dot_product_attention(
                 q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits)
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
 
 class MLP(nn.Module):
@@ -155,8 +168,17 @@ class Gemma3Model(nn.Module):
         input_embeddings: mx.array | None = None,
         image_groups: mx.array | None = None,
     ):
-        """``input_embeddings`` are used as given (already scaled; image features are never scaled)."""
+        """``input_embeddings`` are used as given (already scaled; image features are never scaled).
+
+        ``cache``: the sequence's caches (one per layer), or for batched decode a list of B such lists, one
+        per row of a (B, 1) ``inputs``: each row continues its own sequence (own length, own cache)."""
         h = input_embeddings.astype(self.compute_dtype) if input_embeddings is not None else self.embed(inputs)
+        if cache is not None and isinstance(cache[0], list):
+            if h.shape[1] != 1 or h.shape[0] != len(cache):
+                raise ValueError("batched decode takes one new token per sequence")
+            for i, layer in enumerate(self.layers):
+                h = layer(h, None, [c[i] for c in cache])
+            return self.norm(h)
         masks = self._masks(h.shape[1], cache, image_groups)
         for i, layer in enumerate(self.layers):
             h = layer(h, masks[self.cfg.is_sliding(i)], cache[i] if cache is not None else None)

@@ -1,0 +1,68 @@
+"""Per-request sampling for the server: mlx-lm's filters, and a random generator of the request's own.
+
+A request with a ``seed`` draws from its own PRNG key, split once per token, so its text depends on the seed
+alone, never on which other requests run beside it (mlx-lm's samplers draw from MLX's global generator).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 1.0 (or 0): off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False  # report the sampled token's log-probability
+    top_logprobs: int = 0  # and the n most likely (0..20)
+
+    def check(self) -> None:
+        """Raise ValueError for values no sampler can use."""
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, not {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature!r}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], not {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, not {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], not {self.min_p!r}")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], not {self.top_logprobs!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, not {self.seed!r}")
+
+
+class Sampler:
+    """Picks a request's tokens from its log-probabilities (1, vocab)."""
+
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.key = mx.random.key(seed % 2**63)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        p = self.p
+        if p.temperature == 0:
+            return mx.argmax(logprobs, axis=-1)
+        lp = logprobs
+        if 0 < p.top_k < lp.shape[-1]:
+            lp = apply_top_k(lp, p.top_k)
+        if 0 < p.top_p < 1:
+            lp = apply_top_p(lp, p.top_p)
+        if p.min_p > 0:
+            lp = apply_min_p(lp, p.min_p)
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(lp * (1 / p.temperature), key=sub)
