@@ -1,0 +1,192 @@
+"""Ollama's API under /api: chat, generate, the model list, show and version, so Ollama clients can use the
+server as they would a local Ollama.
+
+As in Ollama, answers stream by default, as newline-delimited JSON objects (``"done": false`` with each
+piece of text, then one ``"done": true`` with the finish reason and timings in nanoseconds); ``"stream":
+false`` gives the one final object with the whole text. A request with no prompt (generate) or no messages
+(chat) answers done at once with ``"done_reason": "load"``, which is how Ollama clients load a model.
+Sampling comes from ``options`` (temperature, top_p, top_k, min_p, seed, num_predict, stop; num_ctx and the
+others Ollama has are ignored: the context is the model's). Images are base64 strings. ``format`` (structured
+output), ``suffix`` and ``think`` are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from .engine import SamplingParams
+from .prompts import BadRequest, chat_ids, field, image_source, ollama_messages, read_json, stop_strings, text_ids
+
+log = logging.getLogger(__name__)
+
+OLLAMA_VERSION = "0.12.0"  # the Ollama API version whose shapes these answers follow (clients gate features on it)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/api/version", version, methods=["GET"]),
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
+    ]
+
+
+async def root(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("Ollama is running")
+
+
+async def version(request: Request) -> JSONResponse:
+    return JSONResponse({"version": OLLAMA_VERSION})
+
+
+def _time(t: float | None = None) -> str:
+    """An RFC 3339 time in UTC, as Ollama writes them."""
+    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _details(card) -> dict:
+    return {"parent_model": "", "format": "mlx", "family": "gemma3", "families": ["gemma3"],
+            "parameter_size": card.parameter_size, "quantization_level": card.quantization}
+
+
+async def tags(request: Request) -> JSONResponse:
+    card = request.app.state.server.card
+    return JSONResponse({"models": [{"name": card.ollama_name, "model": card.ollama_name,
+                                     "modified_at": _time(card.created), "size": card.size,
+                                     "digest": card.digest, "details": _details(card)}]})
+
+
+async def show(request: Request) -> JSONResponse:
+    state = request.app.state.server
+    body = await read_json(request)
+    state.check_model({"model": field(body, "model", str) or field(body, "name", str)}, ollama=True)
+    card = state.card
+    return JSONResponse({
+        "license": "", "modelfile": "", "parameters": "", "template": card.template,
+        "details": _details(card),
+        "model_info": {"general.architecture": "gemma3", "general.parameter_count": card.parameters,
+                       "gemma3.context_length": card.context, "gemma3.embedding_length": card.hidden_size,
+                       "gemma3.block_count": card.layers},
+        "capabilities": ["completion"] + (["vision"] if card.vision else []),
+        "modified_at": _time(card.created),
+    })
+
+
+def _refuse_unsupported(body: dict) -> None:
+    if body.get("format"):
+        raise BadRequest("format (structured output) is not supported")
+    if field(body, "think", bool):
+        raise BadRequest("this model does not support thinking")
+
+
+def _sampling(body: dict, defaults: SamplingParams, context: int) -> SamplingParams:
+    """``options`` over the server's defaults; num_predict -1 (or -2) runs to the end of the context."""
+    opts = field(body, "options", dict, {})
+
+    def opt(name, kind, default=None):
+        return field(opts, name, kind, default, where="options.")
+
+    n = opt("num_predict", int)
+    if n is not None and n < 1 and n not in (-1, -2):
+        raise BadRequest(f"options.num_predict must be positive, or -1 for no limit; not {n}")
+    seed = opt("seed", int)
+    return replace(
+        defaults, max_tokens=defaults.max_tokens if n is None else context if n < 0 else n,
+        temperature=opt("temperature", float, defaults.temperature), top_p=opt("top_p", float, defaults.top_p),
+        top_k=opt("top_k", int, defaults.top_k), min_p=opt("min_p", float, defaults.min_p),
+        seed=None if seed is None or seed < 0 else seed,  # Ollama's -1: a random seed
+        stop=stop_strings(opts.get("stop"), "options.stop"),
+    )
+
+
+async def chat(request: Request):
+    state = request.app.state.server
+    started = time.perf_counter()
+    body = await read_json(request)
+    name = state.check_model(body, ollama=True)
+    _refuse_unsupported(body)
+    raw = field(body, "messages", list, [])
+    reply = _Reply(name, chat=True, started=started)
+    if not raw:
+        return JSONResponse(reply.loaded())
+    messages, images = ollama_messages(raw)
+    engine = state.engine
+    ids = chat_ids(engine.model, engine.tokenizer, messages, len(images))
+    return await _answer(request, reply, body, ids, images)
+
+
+async def generate(request: Request):
+    state = request.app.state.server
+    started = time.perf_counter()
+    body = await read_json(request)
+    name = state.check_model(body, ollama=True)
+    _refuse_unsupported(body)
+    if field(body, "suffix", str):
+        raise BadRequest("suffix is not supported")
+    prompt = field(body, "prompt", str, "")
+    images = [image_source(p, f"images[{i}]", bare_base64=True) for i, p in enumerate(field(body, "images", list, []))]
+    reply = _Reply(name, chat=False, started=started)
+    if not prompt and not images:
+        return JSONResponse(reply.loaded())
+    engine = state.engine
+    raw = field(body, "raw", bool, False)
+    ids = text_ids(engine.model, engine.tokenizer, prompt, len(images), chat=False if raw else None,
+                   system=None if raw else field(body, "system", str))
+    return await _answer(request, reply, body, ids, images)
+
+
+async def _answer(request: Request, reply: "_Reply", body: dict, ids: list[int], images: list):
+    state = request.app.state.server
+    params = _sampling(body, state.defaults, state.card.context)
+    stream = field(body, "stream", bool, True)
+    pixels = await state.pixels(images)
+    handle = state.engine.submit(ids, params, pixels)
+    if stream:
+        return state.stream(handle, reply.ndjson(handle), "application/x-ndjson")
+    events = await state.collect(request, handle)
+    return JSONResponse(reply.final("".join(e.text for e in events), events[-1]))
+
+
+class _Reply:
+    """One answer's objects: a chat's ``message`` or generate's ``response``, and the final timings."""
+
+    def __init__(self, model: str, *, chat: bool, started: float):
+        self.model, self.chat, self.started = model, chat, started
+
+    def piece(self, text: str, done: bool = False) -> dict:
+        out = {"model": self.model, "created_at": _time()}
+        out.update({"message": {"role": "assistant", "content": text}} if self.chat else {"response": text})
+        out["done"] = done
+        return out
+
+    def loaded(self) -> dict:
+        return {**self.piece("", True), "done_reason": "load"}
+
+    def final(self, text: str, last) -> dict:
+        u, ns = last.usage, 1e9
+        return {**self.piece(text, True), "done_reason": last.finish_reason,
+                "total_duration": int((time.perf_counter() - self.started) * ns), "load_duration": 0,
+                "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(u.prompt_s * ns),
+                "eval_count": u.completion_tokens, "eval_duration": int(u.generation_s * ns)}
+
+    async def ndjson(self, handle):
+        """The stream's lines; an error after the stream began ends it with an {"error"} line."""
+        try:
+            async for e in handle.events():
+                if e.finish_reason is not None:
+                    yield json.dumps(self.final(e.text, e)) + "\n"
+                elif e.text:
+                    yield json.dumps(self.piece(e.text)) + "\n"
+        except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            log.exception("generation failed mid-stream")
+            yield json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n"

@@ -1,0 +1,210 @@
+"""OpenAI's API under /v1: the model list, chat completions and (legacy) text completions.
+
+Answers come whole or, with ``"stream": true``, as server-sent events (``data: {chunk}`` lines, then
+``data: [DONE]``), in the shapes the official client reads: a chat stream's first chunk carries the role,
+the last one the finish reason, and with ``stream_options.include_usage`` one more chunk with no choices
+carries the usage. Log-probabilities come in the chat shape (``logprobs``/``top_logprobs``:
+``choices[0].logprobs.content``) or the legacy completions one (``logprobs: N``: tokens, token_logprobs,
+top_logprobs, text_offset). One choice per request (``n`` > 1 is refused); tools, structured output,
+``echo`` and ``suffix`` are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import replace
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .engine import SamplingParams
+from .prompts import BadRequest, chat_ids, field, openai_messages, read_json, stop_strings, text_ids
+
+log = logging.getLogger(__name__)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+
+
+def _model_entry(card) -> dict:
+    return {"id": card.id, "object": "model", "created": card.created, "owned_by": "mlx-gemma-qat"}
+
+
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_entry(request.app.state.server.card)]})
+
+
+async def get_model(request: Request) -> JSONResponse:
+    state = request.app.state.server
+    state.check_model({"model": request.path_params["model"]})
+    return JSONResponse(_model_entry(state.card))
+
+
+async def chat_completions(request: Request):
+    state = request.app.state.server
+    body = await read_json(request)
+    model = state.check_model(body)
+    messages, images = openai_messages(field(body, "messages", list, required=True))
+    if not messages:
+        raise BadRequest("'messages' must not be empty", param="messages")
+    if field(body, "tools", list):
+        raise BadRequest("tools are not supported", param="tools")
+    kind = field(field(body, "response_format", dict, {}), "type", str, "text", where="response_format.")
+    if kind != "text":
+        raise BadRequest(f"response_format {kind!r} is not supported (text is)", param="response_format")
+    params = _sampling(body, state.defaults, chat=True)
+    engine = state.engine
+    ids = chat_ids(engine.model, engine.tokenizer, messages, len(images))
+    return await _answer(request, _Reply(model, engine.tokenizer, chat=True), body, ids, params, images)
+
+
+async def completions(request: Request):
+    state = request.app.state.server
+    body = await read_json(request)
+    model = state.check_model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string (or a list of one string)", param="prompt")
+    if field(body, "echo", bool, False):
+        raise BadRequest("echo is not supported", param="echo")
+    if field(body, "suffix", str):
+        raise BadRequest("suffix is not supported", param="suffix")
+    params = _sampling(body, state.defaults, chat=False)
+    engine = state.engine
+    ids = text_ids(engine.model, engine.tokenizer, prompt)
+    return await _answer(request, _Reply(model, engine.tokenizer, chat=False), body, ids, params, [])
+
+
+def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
+    """The request's sampling fields over the server's defaults (the engine checks their ranges)."""
+    if field(body, "n", int, 1) != 1:
+        raise BadRequest("only n=1 is supported", param="n")
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = field(body, name, int, defaults.max_tokens)
+    if max_tokens < 1:
+        raise BadRequest(f"'{name}' must be at least 1, not {max_tokens}", param=name)
+    if chat:
+        logprobs, top = field(body, "logprobs", bool, False), field(body, "top_logprobs", int, 0)
+        if top and not logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        param = "top_logprobs"
+    else:
+        top = field(body, "logprobs", int)
+        logprobs, top, param = top is not None, top or 0, "logprobs"
+    if not 0 <= top <= 20:
+        raise BadRequest(f"'{param}' must be between 0 and 20, not {top}", param=param)
+    return replace(
+        defaults, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top,
+        temperature=field(body, "temperature", float, defaults.temperature),
+        top_p=field(body, "top_p", float, defaults.top_p), top_k=field(body, "top_k", int, defaults.top_k),
+        min_p=field(body, "min_p", float, defaults.min_p), seed=field(body, "seed", int),
+        stop=stop_strings(body.get("stop"), "stop"),
+    )
+
+
+async def _answer(request: Request, reply: "_Reply", body: dict, ids: list[int], params: SamplingParams,
+                  images: list):
+    state = request.app.state.server
+    stream = field(body, "stream", bool, False)
+    include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False,
+                          where="stream_options.")
+    pixels = await state.pixels(images)
+    handle = state.engine.submit(ids, params, pixels)
+    if stream:
+        return state.stream(handle, reply.sse(handle, include_usage), "text/event-stream")
+    return JSONResponse(reply.whole(await state.collect(request, handle)))
+
+
+class _Reply:
+    """One answer's id, time and model, and its events in the chat or the completions shape."""
+
+    def __init__(self, model: str, tokenizer, *, chat: bool):
+        self.model, self.tokenizer, self.chat = model, tokenizer, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.offset = 0  # legacy logprobs: characters of token text so far
+
+    def _head(self, chunk: bool) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _choice(self, text: str | None, events: list, finish: str | None, *, chunk: bool) -> dict:
+        logprobs = self._logprobs(events) if any(e.logprob is not None for e in events) else None
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        content = {} if text is None else {"content": text}
+        message = {"delta": content} if chunk else {"message": {"role": "assistant", **content}}
+        return {"index": 0, **message, "logprobs": logprobs, "finish_reason": finish}
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _logprobs(self, events: list) -> dict:
+        events = [e for e in events if e.logprob is not None]
+        if self.chat:
+            def entry(token, logprob):
+                text = self._text(token)
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+            return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs or []]}
+                                for e in events]}
+        tokens = [self._text(e.token) for e in events]
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
+                "top_logprobs": [{self._text(t): lp for t, lp in e.top_logprobs or []} for e in events],
+                "text_offset": offsets}
+
+    def whole(self, events: list) -> dict:
+        last = events[-1]
+        text = "".join(e.text for e in events)
+        return {**self._head(False), "choices": [self._choice(text, events, last.finish_reason, chunk=False)],
+                "usage": _usage(last.usage)}
+
+    async def sse(self, handle, include_usage: bool):
+        """The stream's ``data:`` lines; an error after the stream began ends it with an error chunk."""
+        extra = {"usage": None} if include_usage else {}
+
+        def data(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        def chunk(text, events, finish) -> str:
+            return data({**self._head(True), "choices": [self._choice(text, events, finish, chunk=True)], **extra})
+
+        try:
+            if self.chat:
+                yield data({**self._head(True), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                             "logprobs": None, "finish_reason": None}], **extra})
+            async for e in handle.events():
+                if e.text or e.logprob is not None:
+                    yield chunk(e.text, [e], None)
+                if e.finish_reason is not None:
+                    yield chunk(None if self.chat else "", [], e.finish_reason)
+                    if include_usage:
+                        yield data({**self._head(True), "choices": [], "usage": _usage(e.usage)})
+        except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
+            log.exception("generation failed mid-stream")
+            yield data({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
+                                  "code": None}})
+            return
+        yield "data: [DONE]\n\n"
+
+
+def _usage(u) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
