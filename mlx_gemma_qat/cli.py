@@ -1,5 +1,5 @@
-"""The ``mlx-gemma`` command line: convert, generate, chat, cache-prompt, inspect, lora, fuse, perplexity, kld,
-compare."""
+"""The ``mlx-gemma`` command line: convert, generate, chat, serve, cache-prompt, inspect, lora, fuse, perplexity,
+kld, compare."""
 
 from __future__ import annotations
 
@@ -513,6 +513,77 @@ def compare(models, ref, ref_logits, save_ref_logits, text_file, dataset, split,
     if plot_path and rows:
         plot(rows, plot_path)
         click.echo(f"plot: {plot_path}", err=True)
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _byte_size(ctx, param, value):
+    """A size such as 2GB, 512MiB or 1000000 (bytes), as an int; None stays None."""
+    if value is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = m and _SIZE_UNITS.get(m.group(2).lower())
+    if not unit:
+        raise click.BadParameter(f"{value!r} is not a size like 2GB, 512MiB or 1000000")
+    return int(float(m.group(1)) * unit)
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
+@click.option("--mmproj", default=None, type=click.Path(),
+              help="With a text GGUF --model: llama.cpp's vision GGUF (mmproj), to read images.")
+@_adapter_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 makes the server reachable from other machines).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="MLX_GEMMA_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on every request (or set MLX_GEMMA_API_KEY).")
+@click.option("--model-name", default=None,
+              help="The model id clients use (default: the model's file or folder name; embedded: gemma3-270m).")
+@_kv_options
+@click.option("--prompt-cache-size", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Finished requests' KV caches kept for reuse by requests that extend them (0: none).")
+@click.option("--prompt-cache-bytes", default=None, callback=_byte_size,
+              help="Most memory the kept KV caches may hold, e.g. 2GB (default: no byte limit).")
+@click.option("--reuse-slack", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Tokens sliding-window layers keep beyond the window, so a kept cache can be stepped back that far.")
+@click.option("--decode-batch", type=click.IntRange(min=1), default=None,
+              help="Most requests decoded in one batched step (default: batched on a GPU, one by one on the CPU).")
+@click.option("--prefill-step", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per prefill chunk.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature for requests that give none.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="top_p for requests that give none (1: off).")
+@click.option("--top-k", type=int, default=0, show_default=True, help="top_k for requests that give none (0: off).")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="min_p for requests that give none.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most tokens per reply for requests that give no limit.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
+@_widen_option
+@_clean_errors
+def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits, kv_group_size, prompt_cache_size,
+          prompt_cache_bytes, reuse_slack, decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype,
+          widen):
+    """Serve the model over HTTP with OpenAI's API (/v1) and Ollama's (/api), many clients at once."""
+    from . import load
+    from .models_cache import resolve_model
+    from .server.app import create_app, default_model_id, describe_model, run
+    from .server.engine import Engine, SamplingParams
+
+    defaults = SamplingParams(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    defaults.check()
+    folder = resolve_model(model, mmproj=mmproj)
+    m, tok = load(folder, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
+                    cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
+                    prefill_step=prefill_step)
+    card = describe_model(m, tok, folder, model_name or default_model_id(model))
+    app = create_app(engine, card, defaults=defaults, api_key=api_key)
+    where = f"[{host}]" if ":" in host else host
+    click.echo(f"serving {card.id} on http://{where}:{port} (OpenAI API: /v1, Ollama API: /api)", err=True)
+    run(app, host, port)
 
 
 if __name__ == "__main__":
