@@ -15,12 +15,17 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from mlx_gemma_qat import load
+def tiny_folder(tmp_path_factory):
     from mlx_gemma_qat.convert import convert
 
-    folder = convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("srv") / "m", mode="none", progress=False)
-    return load(folder)
+    return convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("srv") / "m", mode="none", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    from mlx_gemma_qat import load
+
+    return load(tiny_folder)
 
 
 def run(engine, ids, **kw):
@@ -33,11 +38,13 @@ PROMPTS = ["hello world", "the cat sat on", "one two three four five six seven e
            "a", "zebra crossing at night", "many words here and there", "x y z", "last one"]
 
 
-@pytest.mark.parametrize("decode_batch", [1, 4])
-def test_concurrent_requests_equal_alone(tiny, decode_batch):
+@pytest.mark.parametrize("decode_batch,dtype", [(1, None), (4, None), (4, "bfloat16")])
+def test_concurrent_requests_equal_alone(tiny_folder, decode_batch, dtype):
     """Eight requests at once (prefill and decode interleaved, batched or one after another) each get the text
-    ``generate`` gives alone, with their own max_tokens."""
-    model, tok = tiny
+    ``generate`` gives alone, with their own max_tokens (also on the GPU path: bfloat16 compute)."""
+    from mlx_gemma_qat import load
+
+    model, tok = load(tiny_folder, dtype=dtype)
     lengths = [20, 5, 12, 20, 1, 17, 9, 14]
     want = [generate(model, tok, p, n, chat=False) for p, n in zip(PROMPTS, lengths)]
     with Engine(model, tok, decode_batch=decode_batch, prefill_step=4, cache_entries=0) as eng:

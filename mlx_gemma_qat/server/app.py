@@ -48,7 +48,7 @@ class ModelCard:
     created: int  # unix time of the model folder
     size: int  # bytes of its weight files
     parameters: int
-    quantization: str  # e.g. "Q4_0" (the GGUF type it was converted from), "4-bit", "BF16"
+    quantization: str  # e.g. "Q4_0" (the GGUF type(s) it was converted from), "4-bit", "BF16"
     digest: str
     context: int
     hidden_size: int
@@ -77,8 +77,8 @@ def describe_model(model, tokenizer, folder: str | Path, model_id: str) -> Model
     config = read_config(folder)
     types = (config.get("mlx_gemma_qat") or {}).get("source_types") or {}
     quantized = {k: n for k, n in types.items() if k not in ("F32", "F16", "BF16")}
-    if quantized:
-        quant = max(quantized, key=quantized.get)
+    if quantized:  # the GGUF types it was converted from, most tensors first ("Q5_0+Q4_K+Q8_0+Q6_K": a mix)
+        quant = "+".join(sorted(quantized, key=lambda k: -quantized[k]))
     elif config.get("quantization"):
         quant = f"{config['quantization'].get('bits')}-bit"
     else:
