@@ -268,6 +268,33 @@ def test_ollama_seed_and_stop(srv):
     assert run(stop=[full[3:5]]) == full[: full.find(full[3:5])]
 
 
+def test_official_ollama_client(srv, vsrv):
+    """Ollama's own Python client, unchanged, against both servers: list, show, chat and generate (streamed and
+    whole), and an image passed as the client sends it (a file it base64-encodes)."""
+    import ollama
+
+    c = ollama.Client(host=srv.url, headers=AUTH)
+    assert [m.model for m in c.list().models] == ["tiny-gemma:latest"]
+    assert c.show("tiny-gemma").capabilities == ["completion"]
+    want = generate(srv.model, srv.tok, HI, 10)
+    r = c.chat(model="tiny-gemma", messages=HI, options={"num_predict": 10})
+    assert r.message.content == want and r.done and r.eval_count <= 10
+    parts = list(c.chat(model="tiny-gemma", messages=HI, options={"num_predict": 10}, stream=True))
+    assert "".join(p.message.content for p in parts) == want and parts[-1].done
+    raw = generate(srv.model, srv.tok, "The cat", 8, chat=False)
+    assert c.generate(model="tiny-gemma", prompt="The cat", raw=True, options={"num_predict": 8}).response == raw
+    with pytest.raises(ollama.ResponseError) as e:
+        c.chat(model="other", messages=HI)
+    assert e.value.status_code == 404
+    path = FIX / "images" / "a.png"
+    v = ollama.Client(host=vsrv.url)
+    want = generate(vsrv.model, vsrv.tok, [{"role": "user", "content": [{"type": "image", "image": str(path)},
+                                                                       {"type": "text", "text": "What is this?"}]}], 10)
+    r = v.chat(model="m", messages=[{"role": "user", "content": "What is this?", "images": [path]}],
+               options={"num_predict": 10})
+    assert r.message.content == want
+
+
 def test_ollama_tags_show_version(srv):
     tags = httpx.get(srv.url + "/api/tags", headers=AUTH).json()["models"]
     assert len(tags) == 1
