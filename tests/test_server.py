@@ -127,6 +127,20 @@ def test_system_and_developer_prompts(client, srv):
     assert client.chat.completions.create(model="tiny-gemma", messages=parts, max_tokens=8).choices[0].message.content == want
 
 
+def test_reuse_past_the_window_equals_fresh(client, srv):
+    """A prompt that extends an earlier one, far past the fixture's 16-token sliding window, is answered from the
+    kept cache (stepped back over the earlier reply, within the slack) exactly as a fresh prompt is."""
+    base = "the sea and the ships on it sailed far away, over the waves and under the stars " * 2
+    ids = srv.tok.encode(base, add_special_tokens=False)
+    assert len(ids) > 3 * srv.model.cfg.sliding_window
+    first = client.completions.create(model="tiny-gemma", prompt=base, max_tokens=8)
+    assert first.usage.prompt_tokens_details.cached_tokens <= 1  # at most the BOS another request began with
+    longer = base + "and then"
+    r = client.completions.create(model="tiny-gemma", prompt=longer, max_tokens=8)
+    assert r.choices[0].text == generate(srv.model, srv.tok, longer, 8, chat=False)
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(ids) - 1
+
+
 def test_completions(client, srv):
     want = generate(srv.model, srv.tok, "The cat", 10, chat=False)
     r = client.completions.create(model="tiny-gemma", prompt="The cat", max_tokens=10)
