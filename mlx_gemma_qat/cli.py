@@ -562,10 +562,12 @@ def _byte_size(ctx, param, value):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
 @_widen_option
+@click.option("--image-urls/--no-image-urls", default=True, show_default=True,
+              help="Fetch images that requests give as http(s) URLs (off: only images sent in the request).")
 @_clean_errors
 def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits, kv_group_size, prompt_cache_size,
           prompt_cache_bytes, reuse_slack, decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype,
-          widen):
+          widen, image_urls):
     """Serve the model over HTTP with OpenAI's API (/v1) and Ollama's (/api), many clients at once."""
     from . import load
     from .models_cache import resolve_model
@@ -578,7 +580,7 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
     m, tok = load(folder, dtype=dtype, widen=widen, adapter_path=adapter_path)
     engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
                     cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
-                    prefill_step=prefill_step)
+                    prefill_step=prefill_step, image_urls=image_urls)
     card = describe_model(m, tok, folder, model_name or default_model_id(model))
     app = create_app(engine, card, defaults=defaults, api_key=api_key)
     where = f"[{host}]" if ":" in host else host

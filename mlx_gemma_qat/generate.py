@@ -308,7 +308,7 @@ def stream_generate(
         mx.array(ids), model, max_tokens=max_tokens, sampler=sampler, cache=cache,
         prefill_step_size=prefill_step_size, on_prefill_done=prefill_done, embeddings=embeddings, groups=groups,
     )
-    stops = _StopStrings(stop_strings or [])
+    stops = StopStrings(stop_strings or [])
     n, token, finish, text = 0, None, None, ""
     for n, (token, _) in enumerate(steps, 1):
         if token in eos:
@@ -329,7 +329,7 @@ def stream_generate(
     yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, finish or "length")
 
 
-class _StopStrings:
+class StopStrings:
     """Streams text while holding back any tail that could still grow into a stop string."""
 
     def __init__(self, stops: list[str]):

@@ -110,14 +110,14 @@ def test_default_dtype_follows_device(tiny):
 
 
 def test_stop_string_split_across_segments_is_never_streamed():
-    from mlx_gemma_qat.generate import _StopStrings
+    from mlx_gemma_qat.generate import StopStrings
 
-    s = _StopStrings(["END", "\n\n"])
+    s = StopStrings(["END", "\n\n"])
     assert s.feed("Hel") == ("Hel", False)
     assert s.feed("lo E") == ("lo ", False)  # "E" might start "END": held back
     assert s.feed("NX") == ("ENX", False)  # it did not
     assert s.feed("yz\n") == ("yz", False)
     assert s.feed("\nmore") == ("", True)
-    t = _StopStrings(["END"])
+    t = StopStrings(["END"])
     assert t.feed("abcE") == ("abc", False)
     assert t.flush("N") == "EN"  # generation ended: the held-back tail is released

@@ -596,7 +596,7 @@ def test_serve_command_builds_the_server(tiny_folder, monkeypatch):
     monkeypatch.setattr(app_module, "run", lambda app, host, port: ran.update(app=app, host=host, port=port))
     args = ["serve", "-m", str(tiny_folder), "--port", "9999", "--api-key", "k", "--temp", "0.5", "--top-k", "5",
             "--max-tokens", "7", "--prompt-cache-size", "3", "--prompt-cache-bytes", "2MiB", "--reuse-slack", "8",
-            "--decode-batch", "2", "--prefill-step", "32"]
+            "--decode-batch", "2", "--prefill-step", "32", "--no-image-urls"]
     res = CliRunner().invoke(cli.main, args)
     assert res.exit_code == 0, res.output
     assert "serving tiny-gemma on http://127.0.0.1:9999" in res.output
@@ -606,6 +606,7 @@ def test_serve_command_builds_the_server(tiny_folder, monkeypatch):
     assert (state.defaults.temperature, state.defaults.top_k, state.defaults.max_tokens) == (0.5, 5, 7)
     e = state.engine
     assert (e.pool.max_entries, e.pool.max_bytes, e.slack, e.decode_batch, e.prefill_step) == (3, 2 * 2**20, 8, 2, 32)
+    assert e.image_urls is False
     res = CliRunner().invoke(cli.main, ["serve", "-m", str(tiny_folder), "--model-name", "x", "--prompt-cache-bytes", "2XB"])
     assert res.exit_code != 0 and "not a size" in res.output
     res = CliRunner().invoke(cli.main, ["serve", "-m", str(tiny_folder), "--top-p", "3"])

@@ -227,6 +227,8 @@ def test_images_reused_only_when_the_same(vlm):
             eng.load_images(["/etc/passwd"])
         with pytest.raises(RequestError, match="readable"):
             eng.load_images([b"not an image"])
+    with Engine(model, tok, image_urls=False) as eng, pytest.raises(RequestError, match="no-image-urls"):
+        eng.load_images(["http://127.0.0.1:9/a.png"])
 
 
 def run_px(engine, ids, pixels):

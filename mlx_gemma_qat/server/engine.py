@@ -28,7 +28,7 @@ from typing import AsyncIterator, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..generate import ContextLengthError, _StopStrings, chunk_bounds, context_limit, image_token_ids
+from ..generate import ContextLengthError, StopStrings, chunk_bounds, context_limit, image_token_ids
 from ..image import ImageError, preprocess_all
 from ..model.cache import cache_nbytes, check_kv_quantization
 from ..model.multimodal import image_groups
@@ -127,7 +127,7 @@ class _Request:
     lp: mx.array | None = None  # its log-probabilities
     tokens: list[int] = field(default_factory=list)  # emitted
     detok: object = None
-    stops: _StopStrings = None
+    stops: StopStrings = None
     started: float | None = None
     prefilled: float | None = None
 
@@ -139,17 +139,20 @@ class Engine:
     caches (``reuse.CachePool``); ``slack``: tokens a sliding layer keeps beyond its window so a kept cache can
     step back that far; ``decode_batch``: most requests per batched decode step (1: one after another; None:
     batched on a GPU, one after another on the CPU, where a batched step costs as much as its rows run apart);
-    ``prefill_step``: tokens per prefill chunk.
+    ``prefill_step``: tokens per prefill chunk; ``image_urls``: whether images may be fetched from http(s) URLs
+    (the server then reaches any host a request names).
     """
 
     def __init__(self, model, tokenizer, *, kv_bits: int | None = None, kv_group_size: int = 64, cache_entries: int = 8,
-                 cache_bytes: int | None = None, slack: int = 64, decode_batch: int | None = None, prefill_step: int = 256):
+                 cache_bytes: int | None = None, slack: int = 64, decode_batch: int | None = None, prefill_step: int = 256,
+                 image_urls: bool = True):
         check_kv_quantization(kv_bits, kv_group_size, model.cfg.head_dim)
         if slack < 0 or prefill_step < 1:
             raise ValueError("slack must be >= 0 and prefill_step >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.kv_bits, self.kv_group_size, self.slack = kv_bits, kv_group_size, slack
         self.prefill_step = prefill_step
+        self.image_urls = image_urls
         if decode_batch is None:
             decode_batch = 1 if mx.default_device() == mx.cpu else 8
         if decode_batch < 1:
@@ -194,10 +197,10 @@ class Engine:
         if self._image_ids is None:
             raise RequestError("this model is text-only: it has no vision tower to read images")
         for s in sources:
-            if isinstance(s, str) and not s.startswith(("http://", "https://")):
+            if isinstance(s, str) and not s.startswith(("http://", "https://")) or not isinstance(s, (str, bytes, bytearray)):
                 raise RequestError("an image must be image bytes or an http(s) URL")
-            if not isinstance(s, (str, bytes, bytearray)):
-                raise RequestError("an image must be image bytes or an http(s) URL")
+            if isinstance(s, str) and not self.image_urls:
+                raise RequestError("this server does not fetch image URLs (--no-image-urls): send the image's bytes")
         try:
             pixels, _ = preprocess_all([bytes(s) if isinstance(s, bytearray) else s for s in sources],
                                        self.model.mcfg.vision.image_size)
@@ -295,7 +298,7 @@ class Engine:
         r.started = time.perf_counter()
         r.sampler = Sampler(r.params)
         r.detok = self.tokenizer.detokenizer
-        r.stops = _StopStrings(list(r.params.stop))
+        r.stops = StopStrings(list(r.params.stop))
         cache, n = self.pool.take(r.key)
         r.cache = cache if cache is not None else self.model.make_cache(self.kv_bits, self.kv_group_size, self.slack)
         r.cached = n
