@@ -45,7 +45,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
         if cfg.is_sliding(layer):
             self.rope_base, self.rope_scale = cfg.rope_local_base_freq, 1.0
         else:
@@ -58,21 +57,17 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache: Any = None) -> mx.array:
         """``cache``: one layer cache, or a list of them for batched decode (row b of a one-token ``x``
-        continues the sequence of ``cache[b]``; projections run batched, attention row by row)."""
+        continues the sequence of ``cache[b]`` under ``mask[b]``; projections run batched, attention row by row)."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if isinstance(cache, list):
-            out = mx.concatenate([self._attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], self._decode_mask(c), c)
-                                  for b, c in enumerate(cache)])
+            out = mx.concatenate([self._attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], m, c)
+                                  for b, (m, c) in enumerate(zip(mask, cache))])
         else:
             out = self._attend(q, k, v, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-    def _decode_mask(self, cache) -> mx.array | None:
-        """The mask of one new token against ``cache`` (None when it sees every key)."""
-        return attention_mask(mx.array([cache.offset]), cache.key_positions(1), self.window)
 
     def _attend(self, q, k, v, mask, cache):
         offset = cache.offset if cache is not None else 0
@@ -176,8 +171,10 @@ class Gemma3Model(nn.Module):
         if cache is not None and isinstance(cache[0], list):
             if h.shape[1] != 1 or h.shape[0] != len(cache):
                 raise ValueError("batched decode takes one new token per sequence")
+            rows = [self._masks(1, c, None) for c in cache]  # each row's masks, once for all layers
             for i, layer in enumerate(self.layers):
-                h = layer(h, None, [c[i] for c in cache])
+                kind = self.cfg.is_sliding(i)
+                h = layer(h, [m[kind] for m in rows], [c[i] for c in cache])
             return self.norm(h)
         masks = self._masks(h.shape[1], cache, image_groups)
         for i, layer in enumerate(self.layers):

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..generate import ContextLengthError, StopStrings, chunk_bounds, context_limit, image_token_ids
 from ..image import ImageError, preprocess_all
-from ..model.cache import cache_nbytes, check_kv_quantization
+from ..model.cache import check_kv_quantization
 from ..model.multimodal import image_groups
 from .reuse import CachePool, prompt_key
 from .sampling import Sampler, SamplingParams
@@ -385,10 +385,3 @@ class Engine:
         return Usage(
             prompt_tokens=len(r.ids), completion_tokens=len(r.tokens), cached_tokens=r.cached,
             queued_s=r.started - r.submitted, prompt_s=r.prefilled - r.started, generation_s=now - r.prefilled)
-
-    def kept_bytes(self) -> int:
-        """Bytes held by the kept caches (see ``reuse.CachePool``)."""
-        return self.pool.nbytes
-
-    def active_cache_bytes(self) -> int:
-        return sum(cache_nbytes(r.cache) for r in self._active if r.cache is not None)

@@ -109,14 +109,19 @@ def _sampling(body: dict, defaults: SamplingParams, context: int) -> SamplingPar
     )
 
 
-async def chat(request: Request):
-    state = request.app.state.server
+async def _begin(request: Request, *, chat: bool):
+    """A chat or generate request's server state, body and reply (the clock starts as it arrives)."""
     started = time.perf_counter()
+    state = request.app.state.server
     body = await read_json(request)
     name = state.check_model(body, ollama=True)
     _refuse_unsupported(body)
+    return state, body, _Reply(name, chat=chat, started=started)
+
+
+async def chat(request: Request):
+    state, body, reply = await _begin(request, chat=True)
     raw = field(body, "messages", list, [])
-    reply = _Reply(name, chat=True, started=started)
     if not raw:
         return JSONResponse(reply.loaded())
     messages, images = ollama_messages(raw)
@@ -126,16 +131,11 @@ async def chat(request: Request):
 
 
 async def generate(request: Request):
-    state = request.app.state.server
-    started = time.perf_counter()
-    body = await read_json(request)
-    name = state.check_model(body, ollama=True)
-    _refuse_unsupported(body)
+    state, body, reply = await _begin(request, chat=False)
     if field(body, "suffix", str):
         raise BadRequest("suffix is not supported")
     prompt = field(body, "prompt", str, "")
     images = [image_source(p, f"images[{i}]", bare_base64=True) for i, p in enumerate(field(body, "images", list, []))]
-    reply = _Reply(name, chat=False, started=started)
     if not prompt and not images:
         return JSONResponse(reply.loaded())
     engine = state.engine

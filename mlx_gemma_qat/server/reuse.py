@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.cache import cache_nbytes, can_trim, copy_cache, trim_cache
+from ..model.multimodal import image_groups
 
 
 def prompt_key(ids: list[int], pixels: np.ndarray | None, image_token: int | None) -> np.ndarray:
@@ -34,12 +35,10 @@ def prompt_key(ids: list[int], pixels: np.ndarray | None, image_token: int | Non
     key = np.asarray(ids, dtype=np.int64).copy()
     if image_token is None or pixels is None or not len(pixels):
         return key
-    is_img = key == image_token
-    starts = np.flatnonzero(is_img & ~np.concatenate([[False], is_img[:-1]]))
-    run = np.cumsum(np.isin(np.arange(len(key)), starts)) - 1
-    for k in range(len(starts)):
+    groups = image_groups(key, image_token)
+    for k in range(int(groups.max(initial=-1)) + 1):
         digest = hashlib.sha1(np.ascontiguousarray(pixels[k]).tobytes()).digest()
-        key[is_img & (run == k)] = -1 - (int.from_bytes(digest[:7], "little"))
+        key[groups == k] = -1 - (int.from_bytes(digest[:7], "little"))
     return key
 
 
