@@ -4,6 +4,10 @@ Steps: open (path, URL, PIL image or array), apply the EXIF orientation, convert
 tower's square input with Pillow's bilinear filter on 8-bit pixels, scale to [0, 1], normalize with mean
 0.5 and std 0.5 per channel, channels first.
 
+Decompression bombs: an image larger than ``MAX_IMAGE_PIXELS`` (width x height, read from its header before
+any pixel is decoded) is refused with an ``ImageError``, on every path that opens images (CLI, server, LoRA
+data). Pillow's own limit only warns below twice its 89.5 MP default; this one is an error, and lower.
+
 Pan and scan (optional, as Gemma 3's processor does it): an image whose aspect ratio is at least 1.2 is
 also cut along its long side into 2 to 4 equal crops of at least 256 pixels; the crops follow the whole
 image as extra images, and the prompt says so (``crop_prompt``).
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +27,24 @@ MEAN = np.array([0.5, 0.5, 0.5], dtype=np.float32)
 STD = np.array([0.5, 0.5, 0.5], dtype=np.float32)
 
 
+MAX_IMAGE_PIXELS = 50_000_000  # 50 MP (8,660 px square): any phone photo; decoded RGB <= 150 MB
+
+
 class ImageError(ValueError):
     pass
 
 
+def _check_size(width: int, height: int, what: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{what}: {width}x{height} pixels is more than the {MAX_IMAGE_PIXELS:,} an image may have")
+
+
 def open_image(src):
     """A PIL RGB image from a path, URL, bytes, PIL image or HxWxC array, upright per its EXIF tag."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if isinstance(src, Image.Image):
+        _check_size(*src.size, "image")
         img = src
     elif isinstance(src, np.ndarray):
         a = src
@@ -38,6 +52,7 @@ def open_image(src):
             a = np.stack([a] * 3, axis=-1)
         if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
             raise ImageError(f"an image array must be HxW or HxWxC with C in 1, 3, 4; got shape {a.shape}")
+        _check_size(a.shape[1], a.shape[0], "image array")
         if a.dtype != np.uint8:
             a = np.clip(np.round(a * 255.0 if a.max() <= 1.0 else a), 0, 255).astype(np.uint8)
         img = Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a)
@@ -58,11 +73,17 @@ def open_image(src):
                 if not p.is_file():
                     raise ImageError(f"{s}: no such image file")
                 data = p.read_bytes()
+        what = src if isinstance(src, (str, Path)) else "image"
         try:
-            img = Image.open(io.BytesIO(data))
+            with warnings.catch_warnings():  # Pillow warns of sizes this check refuses anyway
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))  # reads the header only
+            _check_size(*img.size, what)
             img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ImageError(f"{src if isinstance(src, (str, Path)) else 'image'}: not a readable image ({e})") from None
+        except ImageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, DecompressionBombError...
+            raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
         img = ImageOps.exif_transpose(img)
     return img.convert("RGB")
 
