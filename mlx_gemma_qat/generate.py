@@ -18,6 +18,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .image import crop_prompt, preprocess_all
 from .model.cache import cache_nbytes, check_kv_quantization
+from .stop_strings import StopStrings
 
 
 class ContextLengthError(ValueError):
@@ -327,34 +328,6 @@ def stream_generate(
             break
         yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, None)
     yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, finish or "length")
-
-
-class StopStrings:
-    """Streams text while holding back any tail that could still grow into a stop string."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
-
-    def feed(self, segment: str) -> tuple[str, bool]:
-        self.text += segment
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.sent = self.text[self.sent : min(hits)], len(self.text)
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(self.sent, len(self.text) - keep)
-        out, self.sent = self.text[self.sent : end], end
-        return out, False
-
-    def flush(self, segment: str = "") -> str:
-        out, hit = self.feed(segment)
-        if hit:
-            return out
-        out += self.text[self.sent :]
-        self.sent = len(self.text)
-        return out
 
 
 def _response(text, token, n_prompt, n_gen, t0, t_prefill, cache, finish):

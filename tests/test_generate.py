@@ -107,17 +107,3 @@ def test_default_dtype_follows_device(tiny):
     expected = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     assert model.model.compute_dtype == expected
     assert model(mx.array([[2, 3]])).dtype == expected
-
-
-def test_stop_string_split_across_segments_is_never_streamed():
-    from mlx_gemma_qat.generate import StopStrings
-
-    s = StopStrings(["END", "\n\n"])
-    assert s.feed("Hel") == ("Hel", False)
-    assert s.feed("lo E") == ("lo ", False)  # "E" might start "END": held back
-    assert s.feed("NX") == ("ENX", False)  # it did not
-    assert s.feed("yz\n") == ("yz", False)
-    assert s.feed("\nmore") == ("", True)
-    t = StopStrings(["END"])
-    assert t.feed("abcE") == ("abc", False)
-    assert t.flush("N") == "EN"  # generation ended: the held-back tail is released

@@ -28,11 +28,12 @@ from typing import AsyncIterator, Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..generate import ContextLengthError, StopStrings, chunk_bounds, context_limit, image_token_ids
+from ..generate import ContextLengthError, chunk_bounds, context_limit, image_token_ids
 from ..image import ImageError, preprocess_all
 from ..model.cache import check_kv_quantization
 from ..model.multimodal import image_groups
 from .reuse import CachePool, prompt_key
+from ..stop_strings import StopStrings
 from .sampling import Sampler, SamplingParams
 
 __all__ = ["Engine", "Handle", "Event", "Usage", "SamplingParams", "RequestError", "ContextLengthError"]
