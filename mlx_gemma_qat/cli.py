@@ -531,6 +531,11 @@ def _byte_size(ctx, param, value):
     return int(float(m.group(1)) * unit)
 
 
+def _names(ctx, param, value) -> tuple[str, ...]:
+    """A repeatable option whose values may also be comma-separated lists."""
+    return tuple(v.strip() for item in value for v in item.split(",") if v.strip())
+
+
 @main.command()
 @click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
 @click.option("--mmproj", default=None, type=click.Path(),
@@ -539,17 +544,28 @@ def _byte_size(ctx, param, value):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 makes the server reachable from other machines).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--api-key", default=None, envvar="MLX_GEMMA_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on every request (or set MLX_GEMMA_API_KEY).")
+@click.option("--api-key", default=None, envvar="MLX_GEMMA_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request (MLX_GEMMA_API_KEY keeps it out of ps).")
 @click.option("--model-name", default=None,
               help="The model id clients use (default: the model's file or folder name; embedded: gemma3-270m).")
 @_kv_options
 @click.option("--prompt-cache-size", type=click.IntRange(min=0), default=8, show_default=True,
               help="Finished requests' KV caches kept for reuse by requests that extend them (0: none).")
 @click.option("--prompt-cache-bytes", default=None, callback=_byte_size,
-              help="Most memory the kept KV caches may hold, e.g. 2GB (default: no byte limit).")
+              help="Most memory the kept KV caches may hold, e.g. 2GB (default: an eighth of the device's memory).")
+@click.option("--no-cross-client-reuse", is_flag=True,
+              help="Reuse kept KV caches only among requests with the same API key (for shared servers: "
+                   "cached_tokens otherwise tells a client that another sent the same prefix).")
 @click.option("--reuse-slack", type=click.IntRange(min=0), default=64, show_default=True,
               help="Tokens sliding-window layers keep beyond the window, so a kept cache can be stepped back that far.")
+@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most requests generating at once (each holds a KV cache).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Most requests waiting for a slot; more are answered 503 with Retry-After.")
+@click.option("--max-body", default="20MB", show_default=True, callback=_byte_size,
+              help="Largest request body (413 past it).")
+@click.option("--max-images", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Most images in one request (400 past it).")
 @click.option("--decode-batch", type=click.IntRange(min=1), default=None,
               help="Most requests decoded in one batched step (default: batched on a GPU, one by one on the CPU).")
 @click.option("--prefill-step", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per prefill chunk.")
@@ -562,27 +578,49 @@ def _byte_size(ctx, param, value):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
 @_widen_option
-@click.option("--image-urls/--no-image-urls", default=True, show_default=True,
-              help="Fetch images that requests give as http(s) URLs (off: only images sent in the request).")
+@click.option("--allow-image-urls", is_flag=True,
+              help="Fetch images that requests give as http(s) URLs (off: only images sent in the request). "
+                   "Public addresses only, within a time and size limit.")
+@click.option("--allow-private-urls", is_flag=True,
+              help="With --allow-image-urls: also fetch from loopback, private and link-local addresses.")
+@click.option("--allowed-hosts", multiple=True, callback=_names, metavar="NAMES",
+              help="Host names the server answers to besides IP addresses and localhost (repeatable or "
+                   "comma-separated; '*': any). Refuses DNS-rebinding pages.")
+@click.option("--cors-origin", multiple=True, callback=_names, metavar="ORIGINS",
+              help="Web origins (e.g. http://localhost:3000) allowed to call the server from a browser; none by "
+                   "default, '*': any.")
 @_clean_errors
 def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits, kv_group_size, prompt_cache_size,
-          prompt_cache_bytes, reuse_slack, decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype,
-          widen, image_urls):
+          prompt_cache_bytes, no_cross_client_reuse, reuse_slack, parallel, max_queue, max_body, max_images,
+          decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype, widen, allow_image_urls,
+          allow_private_urls, allowed_hosts, cors_origin):
     """Serve the model over HTTP with OpenAI's API (/v1) and Ollama's (/api), many clients at once."""
     from . import load
     from .models_cache import resolve_model
-    from .server.app import create_app, default_model_id, describe_model, run
+    from .server.app import ServerOptions, create_app, default_model_id, describe_model, run
     from .server.engine import Engine, SamplingParams
 
+    if allow_private_urls and not allow_image_urls:
+        raise click.UsageError("--allow-private-urls needs --allow-image-urls")
+    fetch_policy = None
+    if allow_image_urls:
+        from dataclasses import replace
+
+        from .fetch import SERVER_POLICY
+
+        fetch_policy = replace(SERVER_POLICY, allow_private=allow_private_urls)
+    options = ServerOptions(api_key=api_key, max_body=max_body, max_images=max_images, bound_host=host,
+                            allowed_hosts=allowed_hosts, cors_origins=cors_origin, fetch_policy=fetch_policy,
+                            cross_client_reuse=not no_cross_client_reuse)
     defaults = SamplingParams(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     defaults.check()
     folder = resolve_model(model, mmproj=mmproj)
     m, tok = load(folder, dtype=dtype, widen=widen, adapter_path=adapter_path)
     engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
                     cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
-                    prefill_step=prefill_step, image_urls=image_urls)
+                    prefill_step=prefill_step, parallel=parallel, max_queue=max_queue)
     card = describe_model(m, tok, folder, model_name or default_model_id(model))
-    app = create_app(engine, card, defaults=defaults, api_key=api_key)
+    app = create_app(engine, card, defaults=defaults, options=options)
     where = f"[{host}]" if ":" in host else host
     click.echo(f"serving {card.id} on http://{where}:{port} (OpenAI API: /v1, Ollama API: /api)", err=True)
     run(app, host, port)

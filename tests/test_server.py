@@ -17,12 +17,13 @@ import openai
 import pytest
 
 from mlx_gemma_qat.generate import generate
-from mlx_gemma_qat.server.app import create_app, default_model_id, describe_model
+from mlx_gemma_qat.server.app import ServerOptions, create_app, default_model_id, describe_model
 from mlx_gemma_qat.server.engine import Engine, SamplingParams
 
 FIX = Path(__file__).parent / "fixtures"
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}
 HI = [{"role": "user", "content": "Hello there"}]
 
 
@@ -52,7 +53,8 @@ def _serve(folder, model, tokenizer, api_key=None):
     engine = Engine(model, tokenizer)
     card = describe_model(model, tokenizer, folder, default_model_id(str(folder)))
     defaults = SamplingParams(max_tokens=16)
-    return Served(create_app(engine, card, defaults=defaults, api_key=api_key), engine, model, tokenizer, card)
+    return Served(create_app(engine, card, defaults=defaults, options=ServerOptions(api_key=api_key)), engine, model,
+                  tokenizer, card)
 
 
 @pytest.fixture(scope="session")
@@ -403,8 +405,8 @@ OLLAMA_BAD = [
 
 @pytest.mark.parametrize("name,path,body,status,param", OPENAI_BAD, ids=[c[0] for c in OPENAI_BAD])
 def test_openai_bad_requests(srv, name, path, body, status, param):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(srv.url + path, headers=AUTH, timeout=60, **kw)
+    kw = {"content": body, "headers": {**AUTH, **JSON}} if isinstance(body, bytes) else {"json": body, "headers": AUTH}
+    r = httpx.post(srv.url + path, timeout=60, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"] and set(err) == {"message", "type", "param", "code"}
@@ -418,8 +420,8 @@ def test_openai_bad_requests(srv, name, path, body, status, param):
 
 @pytest.mark.parametrize("name,path,body,status", OLLAMA_BAD, ids=[c[0] for c in OLLAMA_BAD])
 def test_ollama_bad_requests(srv, name, path, body, status):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(srv.url + path, headers=AUTH, timeout=60, **kw)
+    kw = {"content": body, "headers": {**AUTH, **JSON}} if isinstance(body, bytes) else {"json": body, "headers": AUTH}
+    r = httpx.post(srv.url + path, timeout=60, **kw)
     assert r.status_code == status, r.text
     assert isinstance(r.json()["error"], str) and r.json()["error"]
     ok = post(srv, "/api/generate", {"prompt": "ok", "stream": False, "options": {"num_predict": 2}})
@@ -463,26 +465,32 @@ class _FailingHandle:
         raise RuntimeError("engine exploded")
 
 
-def test_engine_failure_is_a_500_or_an_error_chunk(srv, monkeypatch):
+def test_engine_failure_is_a_500_or_an_error_chunk(srv, monkeypatch, caplog):
+    """An unexpected failure answers 500 (or ends the stream with an error) in each API's shape; what failed is
+    in the server's log, never in the answer."""
     handles = []
 
-    def submit(ids, params, pixels=None):
+    def submit(ids, params, pixels=None, **kw):
         handles.append(_FailingHandle())
         return handles[-1]
 
     monkeypatch.setattr(srv.engine, "submit", submit)
+    caplog.set_level("ERROR")
     r = post(srv, "/v1/chat/completions", {"messages": HI})
-    assert r.status_code == 500 and "engine exploded" in r.json()["error"]["message"]
-    assert r.json()["error"]["type"] == "server_error"
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "engine exploded" not in r.text and "RuntimeError" not in r.text
     r = post(srv, "/api/chat", {"messages": HI, "stream": False})
-    assert r.status_code == 500 and "engine exploded" in r.json()["error"]
-    with pytest.raises(openai.APIError, match="engine exploded"):
+    assert r.status_code == 500 and isinstance(r.json()["error"], str) and "exploded" not in r.text
+    with pytest.raises(openai.APIError, match="generation failed"):
         list(openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0).chat.completions.create(
             model="tiny-gemma", messages=HI, stream=True))
     with httpx.stream("POST", srv.url + "/api/chat", json={"messages": HI}, headers=AUTH, timeout=60) as r:
         lines = ndjson(r)
-    assert lines[0]["message"]["content"] == "x" and "engine exploded" in lines[-1]["error"]
+    assert lines[0]["message"]["content"] == "x" and "generation failed" in lines[-1]["error"]
+    assert "exploded" not in json.dumps(lines)
     assert all(h.cancelled for h in handles)
+    logged = [rec for rec in caplog.records if rec.exc_info and "engine exploded" in str(rec.exc_info[1])]
+    assert len(logged) == 4  # each failure, with its traceback, in the log
     monkeypatch.undo()
     assert post(srv, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
 
@@ -596,17 +604,23 @@ def test_serve_command_builds_the_server(tiny_folder, monkeypatch):
     monkeypatch.setattr(app_module, "run", lambda app, host, port: ran.update(app=app, host=host, port=port))
     args = ["serve", "-m", str(tiny_folder), "--port", "9999", "--api-key", "k", "--temp", "0.5", "--top-k", "5",
             "--max-tokens", "7", "--prompt-cache-size", "3", "--prompt-cache-bytes", "2MiB", "--reuse-slack", "8",
-            "--decode-batch", "2", "--prefill-step", "32", "--no-image-urls"]
+            "--decode-batch", "2", "--prefill-step", "32", "--parallel", "3", "--max-queue", "5", "--max-body", "1MB",
+            "--max-images", "2", "--allowed-hosts", "a.example,b.example", "--allowed-hosts", "c.example",
+            "--cors-origin", "http://localhost:3000", "--no-cross-client-reuse"]
     res = CliRunner().invoke(cli.main, args)
     assert res.exit_code == 0, res.output
     assert "serving tiny-gemma on http://127.0.0.1:9999" in res.output
     state = ran["app"].state.server
     assert (ran["host"], ran["port"], state.card.id) == ("127.0.0.1", 9999, "tiny-gemma")
-    assert [m.kwargs for m in ran["app"].user_middleware] == [{"key": "k"}]
+    assert ran["app"].user_middleware[-1].kwargs == {"key": "k"}
+    o = state.options
+    assert (o.api_key, o.max_body, o.max_images, o.allowed_hosts, o.cors_origins) == (
+        "k", 10**6, 2, ("a.example", "b.example", "c.example"), ("http://localhost:3000",))
+    assert o.fetch_policy is None and o.cross_client_reuse is False  # image URLs are off unless asked for
     assert (state.defaults.temperature, state.defaults.top_k, state.defaults.max_tokens) == (0.5, 5, 7)
     e = state.engine
     assert (e.pool.max_entries, e.pool.max_bytes, e.slack, e.decode_batch, e.prefill_step) == (3, 2 * 2**20, 8, 2, 32)
-    assert e.image_urls is False
+    assert (e.parallel, e.max_queue) == (3, 5)
     res = CliRunner().invoke(cli.main, ["serve", "-m", str(tiny_folder), "--model-name", "x", "--prompt-cache-bytes", "2XB"])
     assert res.exit_code != 0 and "not a size" in res.output
     res = CliRunner().invoke(cli.main, ["serve", "-m", str(tiny_folder), "--top-p", "3"])

@@ -8,6 +8,7 @@ import pytest
 
 from mlx_gemma_qat import generate
 from mlx_gemma_qat.generate import ContextLengthError, encode_prompt, image_token_ids
+from mlx_gemma_qat.image import ImageError, normalize
 from mlx_gemma_qat.server.engine import Engine, RequestError, SamplingParams
 from mlx_gemma_qat.server.reuse import CachePool, prompt_key
 
@@ -197,7 +198,7 @@ def test_pool_bounds_and_lru(tiny):
 
 def test_image_tokens_are_keyed_by_pixels():
     ids = [2, 5, 9, 9, 9, 6, 9, 9, 9, 7]
-    a = np.zeros((2, 3, 4, 4), np.float32)
+    a = np.zeros((2, 4, 4, 3), np.uint8)
     b = a.copy()
     b[1, 0, 0, 0] = 1
     ka, kb = prompt_key(ids, a, 9), prompt_key(ids, b, 9)
@@ -223,12 +224,12 @@ def test_images_reused_only_when_the_same(vlm):
         assert outs[0][1] == 0 and outs[1][1] <= first_image and outs[2][1] == len(ids) - 1
         with pytest.raises(RequestError, match="image"):
             eng.submit(ids, SamplingParams(), None)
-        with pytest.raises(RequestError):
+        with pytest.raises(RequestError, match="bytes"):  # never a path or a URL: the engine reads no file
             eng.load_images(["/etc/passwd"])
-        with pytest.raises(RequestError, match="readable"):
+        with pytest.raises(ImageError, match="readable"):
             eng.load_images([b"not an image"])
-    with Engine(model, tok, image_urls=False) as eng, pytest.raises(RequestError, match="no-image-urls"):
-        eng.load_images(["http://127.0.0.1:9/a.png"])
+        with pytest.raises(RequestError, match="8-bit RGB"):  # float pixel values are not what submit takes
+            eng.submit(ids, SamplingParams(), normalize(pixels))
 
 
 def run_px(engine, ids, pixels):

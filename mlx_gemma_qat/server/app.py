@@ -2,8 +2,15 @@
 
 Handlers (``openai_api``, ``ollama_api``) read a request, submit it to the ``Engine`` and turn its events
 into their API's answer. What both APIs share is here: the served model's description (``ModelCard``), the
-optional API key, errors in each API's shape (a refused request never stops the server; an unexpected failure
-is a 500, never a hung connection), and reading a request's events until it ends or its client goes away.
+server's limits and access rules (``ServerOptions``; the middleware is in ``access.py``), reading a request
+under those limits (``ServerState.read``, ``prepare``, ``images``), the mapping of errors to answers (a refused
+request never stops the server; an unexpected failure is a 500 whose details go to the server's log only,
+never a hung connection), and reading a request's events until it ends or its client goes away.
+
+Each request's work is bounded before it is done, in this order: the body (size and time), the JSON and the
+prompt (parsed and tokenized off the event loop, a few requests at a time), the number of images and the
+prompt's length with their tokens, room in the engine's queue, and only then its images, read one at a time
+(``IMAGE_READERS`` requests at a time) and held as 8-bit pixels until the engine runs it.
 A request whose client goes away is cancelled, so the engine stops working on it at its next step: a
 streamed one when its response stream is cancelled (Starlette cancels it on the client's disconnect), a
 non-streamed one through a watch on the connection while the answer is computed.
@@ -13,23 +20,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from ..generate import ContextLengthError, context_limit
-from . import ollama_api, openai_api
-from .engine import Engine, RequestError, SamplingParams
-from .prompts import BadRequest, field
+from ..image import ImageError, ImageTooLarge
+from . import access, ollama_api, openai_api
+from .engine import Engine, QueueFull, RequestError, SamplingParams
+from .errors import error_response
+from .prompts import BadRequest, ImageRef, check_images, field, image_bytes, parse_json, read_body
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "gemma3-270m"  # the embedded default model's name
+PREPARERS = 2  # requests parsed and tokenized at once (off the event loop)
+IMAGE_READERS = 2  # requests reading their images at once
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The server's limits and access rules (the ``serve`` command's flags of the same names).
+
+    ``max_body``: bytes of a request body; ``max_images``: images per request; ``bound_host``: the address the
+    server listens on; ``allowed_hosts``: more names the Host header may give (``*``: any); ``cors_origins``:
+    web origins allowed to call it (``*``: any; none by default); ``fetch_policy``: a ``fetch.FetchPolicy``
+    under which image URLs are fetched (None: they are refused); ``cross_client_reuse``: whether a request may
+    start from a KV cache another client's request left (False: only from those of requests with the same
+    API key)."""
+
+    api_key: str | None = None
+    max_body: int = 20 * MB
+    max_images: int = 8
+    bound_host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    fetch_policy: object = None
+    cross_client_reuse: bool = True
+
+    def __post_init__(self):
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty: give a key, or none to serve without one")
+        if self.max_body < 1 or self.max_images < 0:
+            raise ValueError("max_body must be >= 1 and max_images >= 0")
 
 
 def default_model_id(spec: str | None) -> str:
@@ -113,12 +155,16 @@ class _CancellingStream(StreamingResponse):
 
 @dataclass
 class ServerState:
-    """What the handlers work with: the engine, the model's card and the sampling defaults for fields a
-    request leaves out."""
+    """What the handlers work with: the engine, the model's card, the sampling defaults for fields a request
+    leaves out, and the server's options."""
 
     engine: Engine
     card: ModelCard
     defaults: SamplingParams
+    options: ServerOptions
+    max_chars: int  # characters of prompt text past which no tokenization can fit the context
+    preparing: anyio.CapacityLimiter | None = None  # made on the server's event loop (lifespan)
+    reading: anyio.CapacityLimiter | None = None
 
     def check_model(self, body: dict, *, ollama: bool = False) -> str:
         """The model a request names (the served one when it names none); 404 for any other. Ollama's API
@@ -128,11 +174,50 @@ class ServerState:
             raise BadRequest(f"model '{name}' not found", param="model", code="model_not_found", status=404)
         return name
 
-    async def pixels(self, sources: list):
-        """Preprocessed pixels of a request's images, read off the event loop (None without images)."""
-        if not sources:
+    async def body(self, request: Request) -> bytes:
+        """The request's body, within the size and time limits."""
+        return await read_body(request, self.options.max_body)
+
+    async def prepare(self, fn, raw: bytes):
+        """``fn(body)`` with the body parsed as a JSON object, run off the event loop (a few requests at a
+        time): where a handler reads its fields and tokenizes the prompt."""
+        return await anyio.to_thread.run_sync(lambda: fn(parse_json(raw)), limiter=self.preparing)
+
+    def check_images(self, images: list[ImageRef]) -> None:
+        """Refuse a request with more images than the server takes (before tokenizing its prompt)."""
+        check_images(images, self.options.max_images)
+
+    async def images(self, refs: list[ImageRef]) -> np.ndarray | None:
+        """The images' 8-bit pixels, read one at a time off the event loop (None without images)."""
+        if not refs:
             return None
-        return await anyio.to_thread.run_sync(self.engine.load_images, sources)
+        if not self.engine.has_room():
+            raise QueueFull("the server is busy")
+        return await anyio.to_thread.run_sync(self._read_images, refs, limiter=self.reading)
+
+    def _read_images(self, refs: list[ImageRef]) -> np.ndarray:
+        out = []
+        for ref in refs:
+            data = image_bytes(ref, self.options.fetch_policy)
+            try:
+                out.append(self.engine.load_image(data))
+            except ImageTooLarge as e:
+                raise BadRequest(f"'{ref.param}': {e}", param=ref.param) from None
+            except ImageError as e:
+                log.info("unreadable image in %s: %s", ref.param, e)
+                raise BadRequest(f"'{ref.param}' is not a readable image", param=ref.param) from None
+            del data
+        return np.stack(out)
+
+    def owner(self, request: Request) -> str:
+        """Whose kept KV caches a request may reuse: everyone's (""), or with cross-client reuse off, those of
+        requests carrying the same Authorization header (API key)."""
+        if self.options.cross_client_reuse:
+            return ""
+        return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
+
+    def submit(self, request: Request, ids: list[int], params: SamplingParams, pixels):
+        return self.engine.submit(ids, params, pixels, owner=self.owner(request))
 
     async def collect(self, request: Request, handle) -> list:
         """Every event of a submitted request; if its client goes away first, the request is cancelled and
@@ -162,22 +247,6 @@ async def _disconnected(request: Request, handle) -> None:
     handle.cancel()
 
 
-def _is_openai(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
-
-
-def error_response(path: str, status: int, message: str, *, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    """An error in the shape of the API ``path`` belongs to: OpenAI's {"error": {message, type, param,
-    code}} under /v1, Ollama's {"error": message} elsewhere."""
-    if _is_openai(path):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    else:
-        body = {"error": message}
-    return JSONResponse(body, status_code=status)
-
-
 async def _bad_request(request, e: BadRequest):
     return error_response(request.url.path, e.status, str(e), param=e.param, code=e.code)
 
@@ -195,34 +264,31 @@ async def _client_gone(request, e: ClientGone):
     return Response(status_code=499)
 
 
-async def _server_error(request, e: Exception):
-    return error_response(request.url.path, 500, f"internal error: {type(e).__name__}: {e}")
+async def _busy(request, e: QueueFull):
+    return error_response(request.url.path, 503, f"{e}: retry shortly", code="server_busy", headers={"Retry-After": "1"})
 
 
-class _ApiKey:
-    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer KEY`` (401 otherwise)."""
+async def _server_error(request, e: Exception):  # Starlette re-raises it after this answer: uvicorn logs it
+    return error_response(request.url.path, 500, "internal error (the server's log has the details)")
 
-    def __init__(self, app, key: str):
-        self.app = app
-        self.key = key.encode()
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
-                response = error_response(scope["path"], 401, "a valid API key is required (Authorization: Bearer KEY)",
-                                          code="invalid_api_key")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _max_chars(tokenizer, context: int) -> int:
+    """Characters of text that cannot fit in ``context`` tokens whatever the tokenization: the context times
+    the longest piece of the vocabulary."""
+    return context * max(map(len, tokenizer.get_vocab()))
 
 
 def create_app(engine: Engine, card: ModelCard, *, defaults: SamplingParams | None = None,
-               api_key: str | None = None) -> Starlette:
+               options: ServerOptions | None = None) -> Starlette:
     """The Starlette app serving ``engine``'s model as ``card.id``; the engine runs while the app does
     (started and stopped by the app's lifespan)."""
+    options = options or ServerOptions()
+    state = ServerState(engine, card, defaults or SamplingParams(), options,
+                        max_chars=_max_chars(engine.tokenizer, engine.context))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        state.preparing, state.reading = anyio.CapacityLimiter(PREPARERS), anyio.CapacityLimiter(IMAGE_READERS)
         engine.start()
         try:
             yield
@@ -231,17 +297,22 @@ def create_app(engine: Engine, card: ModelCard, *, defaults: SamplingParams | No
 
     app = Starlette(
         routes=openai_api.routes() + ollama_api.routes(),
-        middleware=[Middleware(_ApiKey, key=api_key)] if api_key else [],
+        middleware=access.middleware(bound_host=options.bound_host, allowed_hosts=options.allowed_hosts,
+                                     cors_origins=options.cors_origins, api_key=options.api_key),
         exception_handlers={BadRequest: _bad_request, RequestError: _refused, ContextLengthError: _refused,
-                            HTTPException: _http_error, ClientGone: _client_gone, Exception: _server_error},
+                            HTTPException: _http_error, ClientGone: _client_gone, QueueFull: _busy,
+                            Exception: _server_error},
         lifespan=lifespan,
     )
-    app.state.server = ServerState(engine, card, defaults or SamplingParams())
+    app.state.server = state
     return app
 
 
 def run(app: Starlette, host: str, port: int) -> None:
-    """Serve ``app`` until interrupted (open responses get 5 s to finish)."""
+    """Serve ``app`` until interrupted (open responses get 5 s to finish). Connections beyond what the engine
+    can run and queue, plus a margin for the light routes, are answered 503 by uvicorn at once."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5)
+    engine = app.state.server.engine
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5,
+                limit_concurrency=engine.parallel + engine.max_queue + 32)

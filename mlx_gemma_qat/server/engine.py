@@ -1,7 +1,9 @@
 """The server's generation engine: one worker thread runs every request, so clients are served concurrently.
 
 Each round the worker
-  1. admits waiting requests, each starting from the longest prefix a kept KV cache holds (``reuse.py``),
+  1. admits waiting requests while fewer than ``parallel`` run, each starting from the longest prefix a kept KV
+     cache holds (``reuse.py``); the rest wait in a queue of at most ``max_queue``, and a request beyond that
+     is refused at once (``QueueFull``: the server answers 503),
   2. runs one prefill chunk of one prefilling request (round robin: a long prompt never stalls the others),
   3. runs one decode step of every decoding request: one batched forward (``decode_batch`` > 1: the
      projections and MLP of all rows at once, attention row by row against each row's own cache) or one
@@ -12,6 +14,9 @@ Each round the worker
 
 All MLX work happens on the worker thread; ``submit`` validates on the caller's thread and hands back a
 ``Handle`` whose events arrive on the caller's asyncio loop (or a blocking queue outside one).
+
+Images arrive as 8-bit RGB at the tower's input size (``load_image``: a quarter of the bytes of their float
+pixel values while a request waits) and are normalized when the request is admitted.
 """
 
 from __future__ import annotations
@@ -29,18 +34,22 @@ import mlx.core as mx
 import numpy as np
 
 from ..generate import ContextLengthError, chunk_bounds, context_limit, image_token_ids
-from ..image import ImageError, preprocess_all
+from ..image import normalize, resized
 from ..model.cache import check_kv_quantization
 from ..model.multimodal import image_groups
-from .reuse import CachePool, prompt_key
+from .reuse import CachePool, default_cache_bytes, prompt_key
 from ..stop_strings import StopStrings
 from .sampling import Sampler, SamplingParams
 
-__all__ = ["Engine", "Handle", "Event", "Usage", "SamplingParams", "RequestError", "ContextLengthError"]
+__all__ = ["Engine", "Handle", "Event", "Usage", "SamplingParams", "RequestError", "ContextLengthError", "QueueFull"]
 
 
 class RequestError(ValueError):
     """A request the engine cannot run (the HTTP layer answers 400 with this message)."""
+
+
+class QueueFull(RuntimeError):
+    """Every slot runs and the queue is full: the request is refused now (the HTTP layer answers 503)."""
 
 
 @dataclass
@@ -114,7 +123,8 @@ class _Request:
     handle: Handle
     ids: list[int]
     key: np.ndarray
-    pixels: np.ndarray | None
+    pixels: np.ndarray | None  # (n, S, S, 3) uint8
+    owner: str  # whose kept caches it may reuse and whose it leaves ("": everyone's)
     params: SamplingParams
     max_tokens: int
     submitted: float
@@ -137,29 +147,30 @@ class Engine:
     """Runs generation requests for a model on a worker thread (see the module docstring).
 
     ``kv_bits``/``kv_group_size``: quantized KV caches; ``cache_entries``/``cache_bytes``: bounds of the kept
-    caches (``reuse.CachePool``); ``slack``: tokens a sliding layer keeps beyond its window so a kept cache can
-    step back that far; ``decode_batch``: most requests per batched decode step (1: one after another; None:
-    batched on a GPU, one after another on the CPU, where a batched step costs as much as its rows run apart);
-    ``prefill_step``: tokens per prefill chunk; ``image_urls``: whether images may be fetched from http(s) URLs
-    (the server then reaches any host a request names).
+    caches (``reuse.CachePool``; ``cache_bytes`` None: ``reuse.default_cache_bytes()``, a share of the device's
+    memory); ``slack``: tokens a sliding layer keeps beyond its window so a kept cache can step back that far;
+    ``decode_batch``: most requests per batched decode step (1: one after another; None: batched on a GPU, one
+    after another on the CPU, where a batched step costs as much as its rows run apart); ``prefill_step``:
+    tokens per prefill chunk; ``parallel``: most requests running at once (each holds a KV cache);
+    ``max_queue``: most requests waiting for a slot.
     """
 
     def __init__(self, model, tokenizer, *, kv_bits: int | None = None, kv_group_size: int = 64, cache_entries: int = 8,
                  cache_bytes: int | None = None, slack: int = 64, decode_batch: int | None = None, prefill_step: int = 256,
-                 image_urls: bool = True):
+                 parallel: int = 8, max_queue: int = 16):
         check_kv_quantization(kv_bits, kv_group_size, model.cfg.head_dim)
-        if slack < 0 or prefill_step < 1:
-            raise ValueError("slack must be >= 0 and prefill_step >= 1")
+        if slack < 0 or prefill_step < 1 or parallel < 1 or max_queue < 0:
+            raise ValueError("slack must be >= 0, prefill_step >= 1, parallel >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.kv_bits, self.kv_group_size, self.slack = kv_bits, kv_group_size, slack
         self.prefill_step = prefill_step
-        self.image_urls = image_urls
+        self.parallel, self.max_queue = parallel, max_queue
         if decode_batch is None:
             decode_batch = 1 if mx.default_device() == mx.cpu else 8
         if decode_batch < 1:
             raise ValueError("decode_batch must be >= 1")
         self.decode_batch = decode_batch
-        self.pool = CachePool(cache_entries, cache_bytes)
+        self.pool = CachePool(cache_entries, default_cache_bytes() if cache_bytes is None else cache_bytes)
         self.context = context_limit(model)
         self.eos = set(tokenizer.eos_token_ids)
         self._image_ids = image_token_ids(model)
@@ -193,52 +204,71 @@ class Engine:
     def __exit__(self, *exc):
         self.stop()
 
-    def load_images(self, sources: list) -> np.ndarray:
-        """Preprocessed pixels (n, 3, S, S) of images given as bytes or http(s) URLs (never file paths)."""
-        if self._image_ids is None:
-            raise RequestError("this model is text-only: it has no vision tower to read images")
-        for s in sources:
-            if isinstance(s, str) and not s.startswith(("http://", "https://")) or not isinstance(s, (str, bytes, bytearray)):
-                raise RequestError("an image must be image bytes or an http(s) URL")
-            if isinstance(s, str) and not self.image_urls:
-                raise RequestError("this server does not fetch image URLs (--no-image-urls): send the image's bytes")
-        try:
-            pixels, _ = preprocess_all([bytes(s) if isinstance(s, bytearray) else s for s in sources],
-                                       self.model.mcfg.vision.image_size)
-        except ImageError as e:
-            raise RequestError(str(e)) from None
-        except Exception as e:  # Pillow's decompression-bomb and decoder errors
-            raise RequestError(f"not a readable image ({type(e).__name__}: {e})") from None
-        return pixels
+    @property
+    def vision(self) -> bool:
+        return self._image_ids is not None
 
-    def submit(self, ids: list[int], params: SamplingParams, pixels: np.ndarray | None = None) -> Handle:
-        """Queue a request for ``ids`` (with images' ``pixels`` for their image tokens); raises RequestError or
-        ContextLengthError for one that cannot run. Call it on the event-loop thread that reads the events."""
+    def load_image(self, data: bytes) -> np.ndarray:
+        """An image's bytes as the 8-bit RGB (S, S, 3) that ``submit`` takes (raises ``image.ImageError``)."""
+        if not self.vision:
+            raise RequestError("this model is text-only: it has no vision tower to read images")
+        if not isinstance(data, (bytes, bytearray)):
+            raise RequestError("an image must be given as its bytes")
+        return resized(bytes(data), self.model.mcfg.vision.image_size)
+
+    def load_images(self, sources: list[bytes]) -> np.ndarray:
+        """``load_image`` of each (at least one), stacked (n, S, S, 3)."""
+        return np.stack([self.load_image(s) for s in sources])
+
+    def check_prompt(self, ids: list[int], n_images: int) -> None:
+        """Raise ContextLengthError or RequestError for a prompt that cannot run with ``n_images`` images (checked
+        before any image is read)."""
+        if not ids:
+            raise RequestError("empty prompt")
+        if len(ids) >= self.context:
+            raise ContextLengthError(f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
+        if not self.vision:
+            if n_images:
+                raise RequestError("this model is text-only: it has no vision tower to read images")
+            return
+        image_token, per_image = self._image_ids[2], self._image_ids[3]
+        runs = int(image_groups(np.asarray(ids), image_token).max(initial=-1)) + 1
+        n_tok = int((np.asarray(ids) == image_token).sum())
+        if runs != n_images or n_tok != n_images * per_image:
+            raise RequestError(f"the prompt has {n_tok} image tokens in {runs} run(s) for {n_images} image(s)")
+
+    def has_room(self) -> bool:
+        """Whether a request submitted now would be queued rather than refused."""
+        with self._cv:
+            return len(self._inbox) + len(self._active) < self.parallel + self.max_queue
+
+    def submit(self, ids: list[int], params: SamplingParams, pixels: np.ndarray | None = None, *,
+               owner: str = "") -> Handle:
+        """Queue a request for ``ids`` (with its images' ``pixels`` from ``load_image`` for their image tokens);
+        raises RequestError or ContextLengthError for one that cannot run, QueueFull when there is no room.
+        ``owner``: the request reuses and leaves kept caches only among requests of the same owner. Call it on
+        the event-loop thread that reads the events."""
         try:
             params.check()
         except ValueError as e:
             raise RequestError(str(e)) from None
         ids = [int(i) for i in ids]
-        if not ids:
-            raise RequestError("empty prompt")
-        if len(ids) >= self.context:
-            raise ContextLengthError(f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
         n_images = 0 if pixels is None else len(pixels)
-        image_token = self._image_ids[2] if self._image_ids else None
-        if image_token is not None:
-            runs = int(image_groups(np.array(ids), image_token).max(initial=-1)) + 1
-            n_tok = int((np.array(ids) == image_token).sum())
-            if runs != n_images or n_tok != n_images * self._image_ids[3]:
-                raise RequestError(f"the prompt has {n_tok} image tokens in {runs} run(s) for {n_images} image(s)")
-        elif n_images:
-            raise RequestError("this model is text-only: it has no vision tower to read images")
+        self.check_prompt(ids, n_images)
+        if n_images:
+            size = self.model.mcfg.vision.image_size
+            if pixels.dtype != np.uint8 or pixels.shape[1:] != (size, size, 3):
+                raise RequestError(f"images must be 8-bit RGB ({size}, {size}, 3), as load_image gives them")
         handle = Handle(self, len(ids))
-        req = _Request(handle=handle, ids=ids, key=prompt_key(ids, pixels, image_token), pixels=pixels,
+        image_token = self._image_ids[2] if self.vision else None
+        req = _Request(handle=handle, ids=ids, key=prompt_key(ids, pixels, image_token), pixels=pixels, owner=owner,
                        params=params, max_tokens=min(params.max_tokens, self.context - len(ids)),
                        submitted=time.perf_counter())
         with self._cv:
             if not self._running:
                 raise RuntimeError("the engine is not running")
+            if len(self._inbox) + len(self._active) >= self.parallel + self.max_queue:
+                raise QueueFull(f"the server is busy ({self.parallel} requests running, {self.max_queue} waiting)")
             self._inbox.append(req)
             self._cv.notify()
         return handle
@@ -263,8 +293,12 @@ class Engine:
                     for r in list(self._inbox) + self._active:
                         r.handle._put(RuntimeError("the server is shutting down"))
                     return
-                new = list(self._inbox)
-                self._inbox.clear()
+                gone = [r for r in self._inbox if r.handle.cancelled]
+                for r in gone:
+                    self._inbox.remove(r)
+                new = [self._inbox.popleft() for _ in range(min(len(self._inbox), self.parallel - len(self._active)))]
+            for r in gone:
+                r.handle._put(Event("", None, finish_reason="cancelled"))
             for r in new:
                 self._guard(r, self._admit)
             for r in [r for r in self._active if r.handle.cancelled]:
@@ -300,14 +334,14 @@ class Engine:
         r.sampler = Sampler(r.params)
         r.detok = self.tokenizer.detokenizer
         r.stops = StopStrings(list(r.params.stop))
-        cache, n = self.pool.take(r.key)
+        cache, n = self.pool.take(r.key, r.owner)
         r.cache = cache if cache is not None else self.model.make_cache(self.kv_bits, self.kv_group_size, self.slack)
         r.cached = n
         rest = np.array(r.ids[n:])
         if self._image_ids is not None and (rest == self._image_ids[2]).any():
             groups = image_groups(rest, self._image_ids[2])
             k = int(groups.max()) + 1  # the last k images are in the rest
-            emb, g = self.model.embed_prompt(rest, mx.array(r.pixels[len(r.pixels) - k :]))
+            emb, g = self.model.embed_prompt(rest, mx.array(normalize(r.pixels[len(r.pixels) - k :])))
             r.embeddings, r.groups = emb, np.array(g)
         r.chunks = chunk_bounds(len(rest), self.prefill_step, r.groups)
         self._active.append(r)
@@ -381,7 +415,7 @@ class Engine:
         self._active.remove(r)
         r.y = r.lp = None
         fed = r.cache[0].offset  # the prompt and every emitted token fed back (not a last one at max tokens)
-        self.pool.put(np.concatenate([r.key, np.array(r.tokens, np.int64)])[:fed], r.cache)
+        self.pool.put(np.concatenate([r.key, np.array(r.tokens, np.int64)])[:fed], r.cache, r.owner)
         r.cache = None
         return Usage(
             prompt_tokens=len(r.ids), completion_tokens=len(r.tokens), cached_tokens=r.cached,

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from .engine import SamplingParams
-from .prompts import BadRequest, chat_ids, field, image_source, ollama_messages, read_json, stop_strings, text_ids
+from .errors import public_error
+from .prompts import BadRequest, chat_ids, field, image_source, ollama_messages, stop_strings, text_ids
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ async def tags(request: Request) -> JSONResponse:
 
 async def show(request: Request) -> JSONResponse:
     state = request.app.state.server
-    body = await read_json(request)
-    state.check_model({"model": field(body, "model", str) or field(body, "name", str)}, ollama=True)
+    await state.prepare(lambda body: state.check_model({"model": field(body, "model", str) or field(body, "name", str)},
+                                                       ollama=True), await state.body(request))
     card = state.card
     return JSONResponse({
         "license": "", "modelfile": "", "parameters": "", "template": card.template,
@@ -109,52 +110,67 @@ def _sampling(body: dict, defaults: SamplingParams, context: int) -> SamplingPar
     )
 
 
-async def _begin(request: Request, *, chat: bool):
-    """A chat or generate request's server state, body and reply (the clock starts as it arrives)."""
+async def _run(request: Request, read, *, chat: bool):
+    """A chat or generate request: ``read(state, body)`` gives its (ids, images) after its own checks, or None
+    for a request that only loads the model (the clock starts as it arrives)."""
     started = time.perf_counter()
     state = request.app.state.server
-    body = await read_json(request)
-    name = state.check_model(body, ollama=True)
-    _refuse_unsupported(body)
-    return state, body, _Reply(name, chat=chat, started=started)
+
+    def prepare(body: dict):
+        name = state.check_model(body, ollama=True)
+        _refuse_unsupported(body)
+        reply = _Reply(name, chat=chat, started=started)
+        prompt = read(state, body)
+        if prompt is None:
+            return reply, None
+        ids, images = prompt
+        state.engine.check_prompt(ids, len(images))
+        params = _sampling(body, state.defaults, state.card.context)
+        return reply, (ids, images, params, field(body, "stream", bool, True))
+
+    reply, work = await state.prepare(prepare, await state.body(request))
+    if work is None:
+        return JSONResponse(reply.loaded())
+    ids, images, params, stream = work
+    pixels = await state.images(images)
+    handle = state.submit(request, ids, params, pixels)
+    if stream:
+        return state.stream(handle, reply.ndjson(handle), "application/x-ndjson")
+    events = await state.collect(request, handle)
+    return JSONResponse(reply.final("".join(e.text for e in events), events[-1]))
 
 
-async def chat(request: Request):
-    state, body, reply = await _begin(request, chat=True)
+def _chat_prompt(state, body: dict):
     raw = field(body, "messages", list, [])
     if not raw:
-        return JSONResponse(reply.loaded())
+        return None
     messages, images = ollama_messages(raw)
+    state.check_images(images)
     engine = state.engine
-    ids = chat_ids(engine.model, engine.tokenizer, messages, len(images))
-    return await _answer(request, reply, body, ids, images)
+    return chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars), images
 
 
-async def generate(request: Request):
-    state, body, reply = await _begin(request, chat=False)
+def _generate_prompt(state, body: dict):
     if field(body, "suffix", str):
         raise BadRequest("suffix is not supported")
     prompt = field(body, "prompt", str, "")
     images = [image_source(p, f"images[{i}]", bare_base64=True) for i, p in enumerate(field(body, "images", list, []))]
     if not prompt and not images:
-        return JSONResponse(reply.loaded())
+        return None
+    state.check_images(images)
     engine = state.engine
     raw = field(body, "raw", bool, False)
     ids = text_ids(engine.model, engine.tokenizer, prompt, len(images), chat=False if raw else None,
-                   system=None if raw else field(body, "system", str))
-    return await _answer(request, reply, body, ids, images)
+                   system=None if raw else field(body, "system", str), max_chars=state.max_chars)
+    return ids, images
 
 
-async def _answer(request: Request, reply: "_Reply", body: dict, ids: list[int], images: list):
-    state = request.app.state.server
-    params = _sampling(body, state.defaults, state.card.context)
-    stream = field(body, "stream", bool, True)
-    pixels = await state.pixels(images)
-    handle = state.engine.submit(ids, params, pixels)
-    if stream:
-        return state.stream(handle, reply.ndjson(handle), "application/x-ndjson")
-    events = await state.collect(request, handle)
-    return JSONResponse(reply.final("".join(e.text for e in events), events[-1]))
+async def chat(request: Request):
+    return await _run(request, _chat_prompt, chat=True)
+
+
+async def generate(request: Request):
+    return await _run(request, _generate_prompt, chat=False)
 
 
 class _Reply:
@@ -189,4 +205,4 @@ class _Reply:
                     yield json.dumps(self.piece(e.text)) + "\n"
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
             log.exception("generation failed mid-stream")
-            yield json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n"
+            yield json.dumps({"error": public_error(e)}) + "\n"

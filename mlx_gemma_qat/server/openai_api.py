@@ -15,14 +15,15 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .engine import SamplingParams
-from .prompts import BadRequest, chat_ids, field, openai_messages, read_json, stop_strings, text_ids
+from .errors import public_error
+from .prompts import BadRequest, ImageRef, chat_ids, field, openai_messages, stop_strings, text_ids
 
 log = logging.getLogger(__name__)
 
@@ -50,41 +51,69 @@ async def get_model(request: Request) -> JSONResponse:
     return JSONResponse(_model_entry(state.card))
 
 
+@dataclass
+class _Prepared:
+    """A request read and checked, before its images are read: what ``_answer`` needs."""
+
+    reply: "_Reply"
+    ids: list[int]
+    params: SamplingParams
+    images: list[ImageRef]
+    stream: bool
+    include_usage: bool
+
+
+def _prepared(state, body: dict, reply: "_Reply", ids: list[int], params: SamplingParams,
+              images: list[ImageRef]) -> _Prepared:
+    state.engine.check_prompt(ids, len(images))
+    stream = field(body, "stream", bool, False)
+    include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False,
+                          where="stream_options.")
+    return _Prepared(reply, ids, params, images, stream, include_usage)
+
+
 async def chat_completions(request: Request):
     state = request.app.state.server
-    body = await read_json(request)
-    model = state.check_model(body)
-    messages, images = openai_messages(field(body, "messages", list, required=True))
-    if not messages:
-        raise BadRequest("'messages' must not be empty", param="messages")
-    if field(body, "tools", list):
-        raise BadRequest("tools are not supported", param="tools")
-    kind = field(field(body, "response_format", dict, {}), "type", str, "text", where="response_format.")
-    if kind != "text":
-        raise BadRequest(f"response_format {kind!r} is not supported (text is)", param="response_format")
-    params = _sampling(body, state.defaults, chat=True)
-    engine = state.engine
-    ids = chat_ids(engine.model, engine.tokenizer, messages, len(images))
-    return await _answer(request, _Reply(model, engine.tokenizer, chat=True), body, ids, params, images)
+
+    def prepare(body: dict) -> _Prepared:
+        model = state.check_model(body)
+        messages, images = openai_messages(field(body, "messages", list, required=True))
+        if not messages:
+            raise BadRequest("'messages' must not be empty", param="messages")
+        state.check_images(images)
+        if field(body, "tools", list):
+            raise BadRequest("tools are not supported", param="tools")
+        kind = field(field(body, "response_format", dict, {}), "type", str, "text", where="response_format.")
+        if kind != "text":
+            raise BadRequest(f"response_format {kind!r} is not supported (text is)", param="response_format")
+        params = _sampling(body, state.defaults, chat=True)
+        engine = state.engine
+        ids = chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars)
+        return _prepared(state, body, _Reply(model, engine.tokenizer, chat=True), ids, params, images)
+
+    return await _answer(request, await state.prepare(prepare, await state.body(request)))
 
 
 async def completions(request: Request):
     state = request.app.state.server
-    body = await read_json(request)
-    model = state.check_model(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise BadRequest("'prompt' must be a string (or a list of one string)", param="prompt")
-    if field(body, "echo", bool, False):
-        raise BadRequest("echo is not supported", param="echo")
-    if field(body, "suffix", str):
-        raise BadRequest("suffix is not supported", param="suffix")
-    params = _sampling(body, state.defaults, chat=False)
-    engine = state.engine
-    ids = text_ids(engine.model, engine.tokenizer, prompt)
-    return await _answer(request, _Reply(model, engine.tokenizer, chat=False), body, ids, params, [])
+
+    def prepare(body: dict) -> _Prepared:
+        model = state.check_model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string (or a list of one string)", param="prompt")
+        if field(body, "echo", bool, False):
+            raise BadRequest("echo is not supported", param="echo")
+        if field(body, "suffix", str):
+            raise BadRequest("suffix is not supported", param="suffix")
+        params = _sampling(body, state.defaults, chat=False)
+        engine = state.engine
+        ids = text_ids(engine.model, engine.tokenizer, prompt, max_chars=state.max_chars)
+        return _prepared(state, body, _Reply(model, engine.tokenizer, chat=False), ids, params, [])
+
+    return await _answer(request, await state.prepare(prepare, await state.body(request)))
 
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
@@ -114,17 +143,13 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
     )
 
 
-async def _answer(request: Request, reply: "_Reply", body: dict, ids: list[int], params: SamplingParams,
-                  images: list):
+async def _answer(request: Request, prep: _Prepared):
     state = request.app.state.server
-    stream = field(body, "stream", bool, False)
-    include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False,
-                          where="stream_options.")
-    pixels = await state.pixels(images)
-    handle = state.engine.submit(ids, params, pixels)
-    if stream:
-        return state.stream(handle, reply.sse(handle, include_usage), "text/event-stream")
-    return JSONResponse(reply.whole(await state.collect(request, handle)))
+    pixels = await state.images(prep.images)
+    handle = state.submit(request, prep.ids, prep.params, pixels)
+    if prep.stream:
+        return state.stream(handle, prep.reply.sse(handle, prep.include_usage), "text/event-stream")
+    return JSONResponse(prep.reply.whole(await state.collect(request, handle)))
 
 
 class _Reply:
@@ -198,8 +223,7 @@ class _Reply:
                         yield data({**self._head(True), "choices": [], "usage": _usage(e.usage)})
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
             log.exception("generation failed mid-stream")
-            yield data({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
-                                  "code": None}})
+            yield data({"error": {"message": public_error(e), "type": "server_error", "param": None, "code": None}})
             return
         yield "data: [DONE]\n\n"
 

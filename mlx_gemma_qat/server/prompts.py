@@ -4,9 +4,16 @@ Both APIs (OpenAI's and Ollama's) come through here, so a request is refused the
 used: ``BadRequest`` carries the message, the field at fault and the HTTP status, and each API writes it in
 its own error shape.
 
-Images come as data: URLs or bare base64 (decoded to bytes here) or as http(s) URLs (downloaded by the
-engine). Nothing else is accepted: a file path or a file:// URL is refused, so no request can make the
-server read a local file (the engine is only ever given bytes or http(s) URL strings).
+Work is bounded before it is done: the body is read up to ``max_body`` bytes (413 past it) within a time
+limit, then parsed off the event loop (nesting too deep for the parser is a 400); stop strings are capped
+(``MAX_STOPS`` of ``MAX_STOP_CHARS`` characters, as OpenAI caps them); images are counted, and the prompt's
+length (image tokens included) checked, before any image is read; a text too long to fit the context
+whatever its tokens is refused before it is tokenized.
+
+Images come as data: URLs or bare base64, or as http(s) URLs: each becomes an ``ImageRef``, read only when
+the request has passed those checks (``image_bytes``: base64 decoded, or a URL fetched under the server's
+``fetch.FetchPolicy``, never when URLs are off). Nothing else is accepted: a file path or a file:// URL is
+refused, so no request can make the server read a local file.
 """
 
 from __future__ import annotations
@@ -14,10 +21,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 
+import anyio
 from jinja2 import TemplateError
 
-from ..generate import encode_prompt, image_token_ids
+from ..generate import ContextLengthError, encode_prompt, image_token_ids
+
+MAX_STOPS = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters per stop string
+BODY_SECONDS = 60.0  # to receive a whole request body
 
 _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "an object"}
 
@@ -30,11 +43,36 @@ class BadRequest(ValueError):
         self.param, self.code, self.status = param, code, status
 
 
-async def read_json(request) -> dict:
-    """A Starlette request's body as a JSON object."""
-    raw = await request.body()
+class BodyTooLarge(BadRequest):
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is larger than the server's limit of {limit:,} bytes", status=413,
+                         code="request_too_large")
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """A Starlette request's body: at most ``max_bytes`` (``BodyTooLarge`` past it, refused on its
+    Content-Length before reading where it gives one) within ``BODY_SECONDS`` (408 past it)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise BodyTooLarge(max_bytes)
+    parts, n = [], 0
+    with anyio.move_on_after(BODY_SECONDS) as scope:
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_bytes:
+                raise BodyTooLarge(max_bytes)
+            parts.append(chunk)
+    if scope.cancelled_caught:
+        raise BadRequest(f"the request body did not arrive within {BODY_SECONDS:.0f} s", status=408)
+    return b"".join(parts)
+
+
+def parse_json(raw: bytes) -> dict:
+    """A request body as a JSON object (run it off the event loop: a large body takes a while)."""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
@@ -60,41 +98,71 @@ def field(body: dict, name: str, kind: type, default=None, *, required: bool = F
 
 
 def stop_strings(value, param: str) -> tuple[str, ...]:
-    """A ``stop`` field: null, a string or a list of strings."""
+    """A ``stop`` field: null, a string or a list of at most ``MAX_STOPS`` strings of at most
+    ``MAX_STOP_CHARS`` characters."""
     if value is None:
         return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise BadRequest(f"'{param}' must be a string or a list of strings", param=param)
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest(f"'{param}' must be a string or a list of strings", param=param)
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"'{param}' takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                         param=param)
+    return tuple(stops)
 
 
-def image_source(value, param: str, *, bare_base64: bool):
-    """Bytes or an http(s) URL for an image given as a data: URL, an http(s) URL or (``bare_base64``, as
-    Ollama sends them) a base64 string."""
+@dataclass(frozen=True)
+class ImageRef:
+    """An image a request gives, not read yet: base64 text (of a data: URL, or Ollama's bare base64) or an
+    http(s) URL; ``param`` names the field it came in."""
+
+    param: str
+    base64: str | None = None
+    url: str | None = None
+
+
+def image_source(value, param: str, *, bare_base64: bool) -> ImageRef:
+    """The ``ImageRef`` of an image given as a data: URL, an http(s) URL or (``bare_base64``, as Ollama sends
+    them) a base64 string."""
     if not isinstance(value, str) or not value:
         raise BadRequest(f"'{param}' must be a non-empty string", param=param)
     if value.startswith(("http://", "https://")):
-        return value
+        return ImageRef(param, url=value)
     if value.startswith("data:"):
         head, sep, data = value.partition(",")
         if not sep or not head.endswith(";base64"):
             raise BadRequest(f"'{param}': a data: URL must be base64 (data:image/png;base64,...)", param=param)
-        return _b64(data, param)
+        return ImageRef(param, base64=data)
     if bare_base64:
-        return _b64(value, param)
+        return ImageRef(param, base64=value)
     raise BadRequest(f"'{param}' must be a data: URL or an http(s) URL (local files are never read)", param=param)
 
 
-def _b64(data: str, param: str) -> bytes:
+def image_bytes(ref: ImageRef, fetch_policy) -> bytes:
+    """The bytes of an image: its base64 decoded, or its URL fetched under ``fetch_policy`` (a
+    ``fetch.FetchPolicy``; None: URLs are refused). Blocking: run it off the event loop."""
+    if ref.url is not None:
+        from ..fetch import FetchError, fetch
+
+        if fetch_policy is None:
+            raise BadRequest(f"'{ref.param}': this server does not fetch image URLs (start it with "
+                             "--allow-image-urls): send the image's bytes as a data: URL", param=ref.param)
+        try:
+            return fetch(ref.url, fetch_policy)
+        except FetchError as e:
+            raise BadRequest(f"'{ref.param}': {e}", param=ref.param) from e
     try:
-        out = base64.b64decode("".join(data.split()), validate=True)
+        out = base64.b64decode("".join(ref.base64.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest(f"'{param}' is not valid base64", param=param) from None
+        raise BadRequest(f"'{ref.param}' is not valid base64", param=ref.param) from None
     if not out:
-        raise BadRequest(f"'{param}' is empty", param=param)
+        raise BadRequest(f"'{ref.param}' is empty", param=ref.param)
     return out
+
+
+def check_images(images: list, max_images: int) -> None:
+    if len(images) > max_images:
+        raise BadRequest(f"the request has {len(images)} images; this server takes at most {max_images} per request")
 
 
 def openai_messages(messages) -> tuple[list[dict], list]:
@@ -179,22 +247,36 @@ def _system_first(messages: list[dict]) -> list[dict]:
     return [{"role": "system", "content": system}] + messages[n:]
 
 
-def chat_ids(model, tokenizer, messages: list[dict], n_images: int) -> list[int]:
-    """Token ids of a chat through the chat template (the model's, else Gemma 3's), with its images laid out."""
-    return _encode(model, tokenizer, messages, n_images, chat=True)
+def chat_ids(model, tokenizer, messages: list[dict], n_images: int, *, max_chars: int | None = None) -> list[int]:
+    """Token ids of a chat through the chat template (the model's, else Gemma 3's), with its images laid out.
+    ``max_chars``: refuse text longer than that before tokenizing it (no tokenization could fit it)."""
+    return _encode(model, tokenizer, messages, n_images, chat=True, max_chars=max_chars)
 
 
 def text_ids(model, tokenizer, prompt: str, n_images: int = 0, *, chat: bool | None = False,
-             system: str | None = None) -> list[int]:
+             system: str | None = None, max_chars: int | None = None) -> list[int]:
     """Token ids of a text prompt: raw after BOS (``chat=False``), through the template (``True``), or through
     it when the model ships one (``None``, as Ollama's generate does)."""
-    return _encode(model, tokenizer, prompt, n_images, chat=chat, system=system)
+    return _encode(model, tokenizer, prompt, n_images, chat=chat, system=system, max_chars=max_chars)
 
 
-def _encode(model, tokenizer, prompt, n_images: int, *, chat, system=None) -> list[int]:
+def _chars(prompt, system: str | None) -> int:
+    """Characters of text in a prompt (a string, or messages with string or text-item content)."""
+    n = len(system or "")
+    if isinstance(prompt, str):
+        return n + len(prompt)
+    for m in prompt:
+        content = m["content"]
+        n += len(content) if isinstance(content, str) else sum(len(i.get("text", "")) for i in content)
+    return n
+
+
+def _encode(model, tokenizer, prompt, n_images: int, *, chat, system=None, max_chars=None) -> list[int]:
     ids_of_images = image_token_ids(model)
     if n_images and ids_of_images is None:
         raise BadRequest("this model is text-only: it has no vision tower to read images")
+    if max_chars is not None and _chars(prompt, system) > max_chars:
+        raise ContextLengthError(f"the prompt's {_chars(prompt, system):,} characters cannot fit the model's context")
     try:
         return encode_prompt(tokenizer, prompt, chat=chat, system=system, n_images=n_images, image_ids=ids_of_images)
     except TemplateError as e:  # the template's own check, e.g. roles that do not alternate

@@ -14,19 +14,38 @@ share its tokens, and a shared prefix never ends inside an image (its tokens att
 so an image is prefilled whole).
 
 Memory is bounded by ``max_entries`` and ``max_bytes`` (the bytes each cache holds, counted per entry even
-where copies share arrays: an upper bound); the least recently used entry goes first.
+where copies share arrays: an upper bound; by default ``default_cache_bytes()``, an eighth of the memory the
+device reports); the least recently used entry goes first.
+
+Reuse crosses clients: a request may start from another client's kept cache, and its usage then reports those
+tokens as cached (``cached_tokens``), which tells a client that someone sent that prefix before. Each entry has
+an ``owner`` (the server's ``--no-cross-client-reuse`` makes it the client's API key): a request reuses only
+entries of its own owner.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 
 from ..model.cache import cache_nbytes, can_trim, copy_cache, trim_cache
 from ..model.multimodal import image_groups
+
+
+def device_memory() -> int:
+    """Bytes of memory the device reports (a GPU's own size where MLX gives it, else the machine's RAM)."""
+    size = mx.device_info().get("memory_size")
+    return int(size) if size else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_cache_bytes() -> int:
+    """The kept caches' default byte bound: an eighth of ``device_memory()``."""
+    return device_memory() // 8
 
 
 def prompt_key(ids: list[int], pixels: np.ndarray | None, image_token: int | None) -> np.ndarray:
@@ -60,6 +79,7 @@ class _Entry:
     key: np.ndarray
     cache: list
     nbytes: int
+    owner: str
 
 
 class CachePool:
@@ -79,10 +99,11 @@ class CachePool:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
-    def take(self, key: np.ndarray) -> tuple[list | None, int]:
-        """A cache holding the longest reusable prefix of ``key`` (a copy: the entry stays) and that prefix's
-        length, or (None, 0). At least the last token of ``key`` is left to prefill."""
-        scored = sorted(((common_prefix(e.key, key), i) for i, e in self._entries.items()), reverse=True)
+    def take(self, key: np.ndarray, owner: str = "") -> tuple[list | None, int]:
+        """A cache of ``owner``'s holding the longest reusable prefix of ``key`` (a copy: the entry stays) and
+        that prefix's length, or (None, 0). At least the last token of ``key`` is left to prefill."""
+        scored = sorted(((common_prefix(e.key, key), i) for i, e in self._entries.items() if e.owner == owner),
+                        reverse=True)
         for p, i in scored:
             p = image_safe(key, min(p, len(key) - 1))
             if p == 0:
@@ -96,17 +117,18 @@ class CachePool:
                 return cache, p
         return None, 0
 
-    def put(self, key: np.ndarray, cache: list) -> None:
-        """Keep ``cache``, which holds the tokens of ``key`` (an entry with the same key is replaced)."""
+    def put(self, key: np.ndarray, cache: list, owner: str = "") -> None:
+        """Keep ``owner``'s ``cache``, which holds the tokens of ``key`` (their entry with the same key is
+        replaced)."""
         if not self.max_entries or not len(key):
             return
         for i, e in list(self._entries.items()):
-            if len(e.key) == len(key) and common_prefix(e.key, key) == len(key):
+            if e.owner == owner and len(e.key) == len(key) and common_prefix(e.key, key) == len(key):
                 del self._entries[i]
         n = cache_nbytes(cache)
         if self.max_bytes is not None and n > self.max_bytes:
             return
-        self._entries[self._next] = _Entry(key, cache, n)
+        self._entries[self._next] = _Entry(key, cache, n, owner)
         self._next += 1
         while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.nbytes > self.max_bytes):
             self._entries.popitem(last=False)
