@@ -544,8 +544,9 @@ def _names(ctx, param, value) -> tuple[str, ...]:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 makes the server reachable from other machines).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--api-key", default=None, envvar="MLX_GEMMA_API_KEY", show_envvar=True,
-              help="Require 'Authorization: Bearer KEY' on every request (MLX_GEMMA_API_KEY keeps it out of ps).")
+@click.option("--api-key", multiple=True, envvar="MLX_GEMMA_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request; repeat for several clients' keys "
+                   "(MLX_GEMMA_API_KEY, keys separated by spaces, keeps them out of ps).")
 @click.option("--model-name", default=None,
               help="The model id clients use (default: the model's file or folder name; embedded: gemma3-270m).")
 @_kv_options
@@ -609,7 +610,7 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
         from .fetch import SERVER_POLICY
 
         fetch_policy = replace(SERVER_POLICY, allow_private=allow_private_urls)
-    options = ServerOptions(api_key=api_key, max_body=max_body, max_images=max_images, bound_host=host,
+    options = ServerOptions(api_keys=api_key, max_body=max_body, max_images=max_images, bound_host=host,
                             allowed_hosts=allowed_hosts, cors_origins=cors_origin, fetch_policy=fetch_policy,
                             cross_client_reuse=not no_cross_client_reuse)
     defaults = SamplingParams(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p)

@@ -16,9 +16,10 @@ import httpx
 import openai
 import pytest
 
+from served import serve
+
 from mlx_gemma_qat.generate import generate
-from mlx_gemma_qat.server.app import ServerOptions, create_app, default_model_id, describe_model
-from mlx_gemma_qat.server.engine import Engine, SamplingParams
+from mlx_gemma_qat.server.app import ServerOptions, default_model_id
 
 FIX = Path(__file__).parent / "fixtures"
 KEY = "test-key"
@@ -27,34 +28,8 @@ JSON = {"Content-Type": "application/json"}
 HI = [{"role": "user", "content": "Hello there"}]
 
 
-class Served:
-    """A uvicorn server running ``app`` on a free port in a background thread."""
-
-    def __init__(self, app, engine, model, tokenizer, card):
-        import uvicorn
-
-        self.engine, self.model, self.tok, self.card = engine, model, tokenizer, card
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def _serve(folder, model, tokenizer, api_key=None):
-    engine = Engine(model, tokenizer)
-    card = describe_model(model, tokenizer, folder, default_model_id(str(folder)))
-    defaults = SamplingParams(max_tokens=16)
-    return Served(create_app(engine, card, defaults=defaults, options=ServerOptions(api_key=api_key)), engine, model,
-                  tokenizer, card)
+    return serve(folder, model, tokenizer, options=ServerOptions(api_keys=(api_key,) if api_key else ()))
 
 
 @pytest.fixture(scope="session")
@@ -612,10 +587,10 @@ def test_serve_command_builds_the_server(tiny_folder, monkeypatch):
     assert "serving tiny-gemma on http://127.0.0.1:9999" in res.output
     state = ran["app"].state.server
     assert (ran["host"], ran["port"], state.card.id) == ("127.0.0.1", 9999, "tiny-gemma")
-    assert ran["app"].user_middleware[-1].kwargs == {"key": "k"}
+    assert ran["app"].user_middleware[-1].kwargs == {"keys": ("k",)}
     o = state.options
-    assert (o.api_key, o.max_body, o.max_images, o.allowed_hosts, o.cors_origins) == (
-        "k", 10**6, 2, ("a.example", "b.example", "c.example"), ("http://localhost:3000",))
+    assert (o.api_keys, o.max_body, o.max_images, o.allowed_hosts, o.cors_origins) == (
+        ("k",), 10**6, 2, ("a.example", "b.example", "c.example"), ("http://localhost:3000",))
     assert o.fetch_policy is None and o.cross_client_reuse is False  # image URLs are off unless asked for
     assert (state.defaults.temperature, state.defaults.top_k, state.defaults.max_tokens) == (0.5, 5, 7)
     e = state.engine

@@ -9,7 +9,7 @@ import pytest
 from mlx_gemma_qat import generate
 from mlx_gemma_qat.generate import ContextLengthError, encode_prompt, image_token_ids
 from mlx_gemma_qat.image import ImageError, normalize
-from mlx_gemma_qat.server.engine import Engine, RequestError, SamplingParams
+from mlx_gemma_qat.server.engine import Engine, QueueFull, RequestError, SamplingParams
 from mlx_gemma_qat.server.reuse import CachePool, prompt_key
 
 FIX = Path(__file__).parent / "fixtures"
@@ -235,3 +235,32 @@ def test_images_reused_only_when_the_same(vlm):
 def run_px(engine, ids, pixels):
     events = list(engine.submit(ids, SamplingParams(max_tokens=6), pixels))
     return "".join(e.text for e in events), events[-1]
+
+
+def test_parallel_slots_and_a_bounded_queue(tiny):
+    """parallel=1: a request is admitted only when none runs; beyond one waiting, QueueFull at once; a cancelled
+    waiting request leaves the queue without running."""
+    model, tok = tiny
+    with Engine(model, tok, parallel=1, max_queue=1) as eng:
+        running_at_admission, real = [], eng._admit
+
+        def admit(r):
+            running_at_admission.append(len(eng._active))
+            real(r)
+
+        eng._admit = admit
+        a = eng.submit([2, 10, 11], SamplingParams(max_tokens=20))
+        b = eng.submit([2, 12, 13], SamplingParams(max_tokens=5))
+        with pytest.raises(QueueFull):
+            eng.submit([2, 14], SamplingParams())
+        assert not eng.has_room()
+        ea, eb = list(a), list(b)
+        assert running_at_admission == [0, 0] and ea[-1].usage.completion_tokens == 20
+        assert eb[-1].usage.queued_s > 0 and eng.has_room()
+        c = eng.submit([2, 10, 11], SamplingParams(max_tokens=200))
+        d = eng.submit([2, 15], SamplingParams(max_tokens=5))
+        d.cancel()
+        assert [e.finish_reason for e in d] == ["cancelled"]
+        c.cancel()
+        assert list(c)[-1].finish_reason == "cancelled"
+        assert len(running_at_admission) == 3  # d never ran

@@ -10,7 +10,7 @@
 - a POST must say ``Content-Type: application/json`` (415): an HTML form or a "simple" cross-site request
   cannot, so it cannot reach the handlers without the CORS preflight the server does not answer.
 
-``ApiKey`` asks every request for ``Authorization: Bearer KEY`` (401).
+``ApiKey`` asks every request for ``Authorization: Bearer KEY``, KEY one of the server's keys (401).
 """
 
 from __future__ import annotations
@@ -77,16 +77,19 @@ class Guard:
 
 
 class ApiKey:
-    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer KEY`` (401 otherwise)."""
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer KEY`` with one of ``keys`` (401
+    otherwise)."""
 
-    def __init__(self, app, key: str):
+    def __init__(self, app, keys: tuple[str, ...]):
         self.app = app
-        self.key = key.encode()
+        self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+            given = given.strip()
+            known = [hmac.compare_digest(given, k) for k in self.keys]  # every key compared: no early exit
+            if scheme.lower() != b"bearer" or not any(known):
                 response = error_response(scope["path"], 401, "a valid API key is required (Authorization: Bearer KEY)",
                                           code="invalid_api_key")
                 await response(scope, receive, send)
@@ -95,12 +98,12 @@ class ApiKey:
 
 
 def middleware(*, bound_host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...],
-               api_key: str | None) -> list[Middleware]:
+               api_keys: tuple[str, ...]) -> list[Middleware]:
     """The access middleware, outermost first: Guard, CORS answers for ``cors_origins``, the API key."""
     out = [Middleware(Guard, bound_host=bound_host, allowed_hosts=allowed_hosts, cors_origins=cors_origins)]
     if cors_origins:
         out.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "HEAD"],
                               allow_headers=["Authorization", "Content-Type"]))
-    if api_key is not None:
-        out.append(Middleware(ApiKey, key=api_key))
+    if api_keys:
+        out.append(Middleware(ApiKey, keys=api_keys))
     return out

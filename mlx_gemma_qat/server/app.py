@@ -51,6 +51,7 @@ MB = 2**20
 class ServerOptions:
     """The server's limits and access rules (the ``serve`` command's flags of the same names).
 
+    ``api_keys``: the keys a request may carry (``Authorization: Bearer KEY``; none: no key asked for);
     ``max_body``: bytes of a request body; ``max_images``: images per request; ``bound_host``: the address the
     server listens on; ``allowed_hosts``: more names the Host header may give (``*``: any); ``cors_origins``:
     web origins allowed to call it (``*``: any; none by default); ``fetch_policy``: a ``fetch.FetchPolicy``
@@ -58,7 +59,7 @@ class ServerOptions:
     start from a KV cache another client's request left (False: only from those of requests with the same
     API key)."""
 
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
     max_body: int = 20 * MB
     max_images: int = 8
     bound_host: str = "127.0.0.1"
@@ -68,8 +69,8 @@ class ServerOptions:
     cross_client_reuse: bool = True
 
     def __post_init__(self):
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key is empty: give a key, or none to serve without one")
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("an API key is empty: give a key, or none to serve without one")
         if self.max_body < 1 or self.max_images < 0:
             raise ValueError("max_body must be >= 1 and max_images >= 0")
 
@@ -298,7 +299,7 @@ def create_app(engine: Engine, card: ModelCard, *, defaults: SamplingParams | No
     app = Starlette(
         routes=openai_api.routes() + ollama_api.routes(),
         middleware=access.middleware(bound_host=options.bound_host, allowed_hosts=options.allowed_hosts,
-                                     cors_origins=options.cors_origins, api_key=options.api_key),
+                                     cors_origins=options.cors_origins, api_keys=options.api_keys),
         exception_handlers={BadRequest: _bad_request, RequestError: _refused, ContextLengthError: _refused,
                             HTTPException: _http_error, ClientGone: _client_gone, QueueFull: _busy,
                             Exception: _server_error},

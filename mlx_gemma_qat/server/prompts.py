@@ -142,11 +142,11 @@ def image_bytes(ref: ImageRef, fetch_policy) -> bytes:
     """The bytes of an image: its base64 decoded, or its URL fetched under ``fetch_policy`` (a
     ``fetch.FetchPolicy``; None: URLs are refused). Blocking: run it off the event loop."""
     if ref.url is not None:
-        from ..fetch import FetchError, fetch
-
         if fetch_policy is None:
             raise BadRequest(f"'{ref.param}': this server does not fetch image URLs (start it with "
                              "--allow-image-urls): send the image's bytes as a data: URL", param=ref.param)
+        from ..fetch import FetchError, fetch
+
         try:
             return fetch(ref.url, fetch_policy)
         except FetchError as e:
