@@ -42,8 +42,10 @@ from .prompts import BadRequest, ImageRef, check_images, field, image_bytes, par
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "gemma3-270m"  # the embedded default model's name
+RECEIVERS = 4  # request bodies received at once (the others wait, their bytes still in the socket)
 PREPARERS = 2  # requests parsed and tokenized at once (off the event loop)
-IMAGE_READERS = 2  # requests reading their images at once
+IMAGE_READERS = 1  # requests reading their images at once (a 50 MP image takes ~200 MB to decode)
+MAX_CONNECTIONS = 512  # open connections uvicorn takes before answering 503 itself
 MB = 2**20
 
 
@@ -164,7 +166,8 @@ class ServerState:
     defaults: SamplingParams
     options: ServerOptions
     max_chars: int  # characters of prompt text past which no tokenization can fit the context
-    preparing: anyio.CapacityLimiter | None = None  # made on the server's event loop (lifespan)
+    receiving: anyio.CapacityLimiter | None = None  # made on the server's event loop (lifespan)
+    preparing: anyio.CapacityLimiter | None = None
     reading: anyio.CapacityLimiter | None = None
 
     def check_model(self, body: dict, *, ollama: bool = False) -> str:
@@ -175,9 +178,13 @@ class ServerState:
             raise BadRequest(f"model '{name}' not found", param="model", code="model_not_found", status=404)
         return name
 
-    async def body(self, request: Request) -> bytes:
-        """The request's body, within the size and time limits."""
-        return await read_body(request, self.options.max_body)
+    async def body(self, request: Request, *, work: bool = True) -> bytes:
+        """The request's body, within the size and time limits; a request for ``work`` (generation) is not read
+        while the engine has no room for it (503 at once)."""
+        if work and not self.engine.has_room():
+            raise QueueFull("the server is busy")
+        async with self.receiving:
+            return await read_body(request, self.options.max_body)
 
     async def prepare(self, fn, raw: bytes):
         """``fn(body)`` with the body parsed as a JSON object, run off the event loop (a few requests at a
@@ -289,6 +296,7 @@ def create_app(engine: Engine, card: ModelCard, *, defaults: SamplingParams | No
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        state.receiving = anyio.CapacityLimiter(RECEIVERS)
         state.preparing, state.reading = anyio.CapacityLimiter(PREPARERS), anyio.CapacityLimiter(IMAGE_READERS)
         engine.start()
         try:
@@ -310,10 +318,9 @@ def create_app(engine: Engine, card: ModelCard, *, defaults: SamplingParams | No
 
 
 def run(app: Starlette, host: str, port: int) -> None:
-    """Serve ``app`` until interrupted (open responses get 5 s to finish). Connections beyond what the engine
-    can run and queue, plus a margin for the light routes, are answered 503 by uvicorn at once."""
+    """Serve ``app`` until interrupted (open responses get 5 s to finish). Requests beyond what the engine can
+    run and queue are answered 503 by the handlers; connections beyond ``MAX_CONNECTIONS`` (a backstop against
+    floods of idle connections) by uvicorn at once."""
     import uvicorn
 
-    engine = app.state.server.engine
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5,
-                limit_concurrency=engine.parallel + engine.max_queue + 32)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS)

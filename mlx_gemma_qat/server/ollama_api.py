@@ -70,7 +70,7 @@ async def tags(request: Request) -> JSONResponse:
 async def show(request: Request) -> JSONResponse:
     state = request.app.state.server
     await state.prepare(lambda body: state.check_model({"model": field(body, "model", str) or field(body, "name", str)},
-                                                       ollama=True), await state.body(request))
+                                                       ollama=True), await state.body(request, work=False))
     card = state.card
     return JSONResponse({
         "license": "", "modelfile": "", "parameters": "", "template": card.template,
