@@ -1,5 +1,5 @@
 """fetch(url, policy): schemes, credentials, address checks before any connection, DNS rebinding, redirects
-re-checked, one deadline (DNS, headers, body), the byte cap, a generic error, TLS.
+re-checked, one deadline (DNS, headers, body), the byte cap, a generic error, TLS; and open_image's URLs.
 
 Everything runs against servers on 127.0.0.1. Two seams stand in for the network: ``socket.getaddrinfo``
 (made-up names answer chosen addresses; real names pass through) and ``fetch._connect`` (records the address
@@ -22,6 +22,7 @@ import pytest
 
 import mlx_gemma_qat.fetch as fetch_mod
 from mlx_gemma_qat.fetch import CLI_POLICY, SERVER_POLICY, FetchError, FetchPolicy, fetch, refusal_reason
+from mlx_gemma_qat.image import ImageError, open_image
 
 LOCAL = FetchPolicy(allow_private=True, deadline_s=2.0, max_bytes=100_000, max_redirects=3)
 STRICT = replace(LOCAL, allow_private=False)
@@ -474,6 +475,17 @@ def test_https_verifies_the_certificate_against_the_host_name(tmp_path, monkeypa
         assert e.detail.startswith("TLS certificate not accepted") and connects.log[-1] == PUBLIC
     finally:
         _stop(srv)
+
+
+# --- open_image ------------------------------------------------------------------------------------------
+
+def test_open_image_fetches_urls_for_the_local_user(server):
+    img = open_image(f"http://127.0.0.1:{server.port}/img.png")  # loopback: the CLI's policy allows it
+    assert img.size == (5, 3) and img.getpixel((0, 0)) == (200, 30, 10)
+    with pytest.raises(ImageError, match=r"/missing: could not download \(HTTP status 404\)"):
+        open_image(f"http://127.0.0.1:{server.port}/missing")
+    with pytest.raises(ImageError, match=r"could not download \(redirect to file: refused"):
+        open_image(f"http://127.0.0.1:{server.port}/to-file")
 
 
 def _closed_port() -> int:
