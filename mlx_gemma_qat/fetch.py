@@ -155,7 +155,10 @@ def fetch(url: str, policy: FetchPolicy) -> bytes:
                 return body
             if location is None:
                 raise FetchError(f"HTTP {status} redirect without a Location")
-            url = urllib.parse.urljoin(url, location)
+            try:
+                url = urllib.parse.urljoin(url, location)
+            except ValueError as e:
+                raise FetchError(f"redirect: invalid URL ({e})") from None
         raise FetchError(f"more than {policy.max_redirects} redirects")
     except TimeoutError:
         raise FetchError(f"timed out after {policy.deadline_s:g} s") from None

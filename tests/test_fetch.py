@@ -65,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._redirect(302, "file:///etc/passwd")
         if p == "/to-ftp":
             return self._redirect(301, f"ftp://127.0.0.1:{port}/img.png")
+        if p.startswith("/to-invalid/"):
+            return self._redirect(302, {"ipv6": "http://[::1/x", "port": "http://h:99999/", "host": "https:///x"}[p[12:]])
         if p == "/to-loopback":
             return self._redirect(302, f"http://127.0.0.1:{port}/img.png")
         if p == "/to-localhost":
@@ -264,6 +266,12 @@ def test_redirects_to_other_schemes_are_refused(server, path, scheme):
     e, _ = _error(f"http://127.0.0.1:{server.port}{path}", LOCAL)
     assert e.detail == f"redirect to {scheme}: refused (http and https only)"
     assert server.connections == 1
+
+
+@pytest.mark.parametrize("kind", ["ipv6", "port", "host"])
+def test_redirects_to_invalid_urls_are_errors(server, kind):
+    e, _ = _error(f"http://127.0.0.1:{server.port}/to-invalid/{kind}", LOCAL)
+    assert e.detail.startswith("redirect: ")
 
 
 @pytest.mark.parametrize("auth", ["user:pass@", "user@", ":pass@"])
