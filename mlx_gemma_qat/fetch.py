@@ -66,7 +66,7 @@ class FetchPolicy:
 
 
 # The server fetches for remote clients: public addresses only, and little time and memory per image
-# (20 MB holds any photo's JPEG or PNG short of the 50 MP pixel limit in image.py).
+# (20 MB: a 50 MP camera JPEG fits; a lossless image that large may not, and can be sent inline).
 SERVER_POLICY = FetchPolicy(allow_private=False, deadline_s=10.0, max_bytes=20_000_000, max_redirects=3)
 # ``--image URL`` fetches for the user at the keyboard: any address (a NAS, a local server), more patience.
 CLI_POLICY = FetchPolicy(allow_private=True, deadline_s=60.0, max_bytes=100_000_000, max_redirects=5)
