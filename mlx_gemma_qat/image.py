@@ -2,7 +2,8 @@
 
 Steps: open (path, URL, PIL image or array), apply the EXIF orientation, convert to RGB, resize to the
 tower's square input with Pillow's bilinear filter on 8-bit pixels, scale to [0, 1], normalize with mean
-0.5 and std 0.5 per channel, channels first.
+0.5 and std 0.5 per channel, channels first. A URL is fetched under ``fetch.CLI_POLICY`` (the local
+user's: any address, 60 s, 100 MB, 5 redirects); a server fetches under its own policy and passes bytes.
 
 Decompression bombs: an image larger than ``MAX_IMAGE_PIXELS`` (width x height, read from its header before
 any pixel is decoded) is refused with an ``ImageError``, on every path that opens images (CLI, server, LoRA
@@ -65,13 +66,12 @@ def open_image(src):
         if isinstance(src, (str, Path)):
             s = str(src)
             if s.startswith(("http://", "https://")):
-                import urllib.request
+                from .fetch import CLI_POLICY, FetchError, fetch
 
                 try:
-                    with urllib.request.urlopen(s, timeout=30) as r:
-                        data = r.read()
-                except OSError as e:
-                    raise ImageError(f"{s}: could not download ({e})") from None
+                    data = fetch(s, CLI_POLICY)
+                except FetchError as e:  # the local user sees why
+                    raise ImageError(f"{s}: could not download ({e.detail})") from None
             else:
                 p = Path(s).expanduser()
                 if not p.is_file():
