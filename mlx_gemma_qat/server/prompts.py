@@ -21,12 +21,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from dataclasses import dataclass
 
 import anyio
 from jinja2 import TemplateError
 
 from ..generate import ContextLengthError, encode_prompt, image_token_ids
+
+log = logging.getLogger(__name__)
 
 MAX_STOPS = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop string
@@ -149,8 +152,9 @@ def image_bytes(ref: ImageRef, fetch_policy) -> bytes:
 
         try:
             return fetch(ref.url, fetch_policy)
-        except FetchError as e:
-            raise BadRequest(f"'{ref.param}': {e}", param=ref.param) from e
+        except FetchError as e:  # the client reads one generic line; what happened goes to the log
+            log.warning("image URL in %s not fetched: %s", ref.param, e.detail)
+            raise BadRequest(f"'{ref.param}': {e}", param=ref.param) from None
     try:
         out = base64.b64decode("".join(ref.base64.split()), validate=True)
     except (binascii.Error, ValueError):
