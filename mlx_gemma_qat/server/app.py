@@ -30,7 +30,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..generate import ContextLengthError, context_limit
 from ..image import ImageError, ImageTooLarge
@@ -157,6 +157,18 @@ class _CancellingStream(StreamingResponse):
 
 
 @dataclass
+class Work:
+    """A request read and checked, its images not read yet. ``reply`` is its API's answer: ``media_type``,
+    ``stream(handle)`` (the streamed chunks) and ``whole(events)`` (the JSON object of a whole answer)."""
+
+    reply: object
+    ids: list[int]
+    params: SamplingParams
+    images: list[ImageRef]
+    stream: bool
+
+
+@dataclass
 class ServerState:
     """What the handlers work with: the engine, the model's card, the sampling defaults for fields a request
     leaves out, and the server's options."""
@@ -224,10 +236,21 @@ class ServerState:
             return ""
         return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
 
-    def submit(self, request: Request, ids: list[int], params: SamplingParams, pixels):
-        return self.engine.submit(ids, params, pixels, owner=self.owner(request))
+    def work(self, reply, ids: list[int], params: SamplingParams, images: list[ImageRef], *, stream: bool) -> Work:
+        """The ``Work`` of a prepared request, once its prompt fits with its images (checked before they are
+        read)."""
+        self.engine.check_prompt(ids, len(images))
+        return Work(reply, ids, params, images, stream)
 
-    async def collect(self, request: Request, handle) -> list:
+    async def answer(self, request: Request, work: Work) -> Response:
+        """Read the work's images, submit it, and answer: streamed, or whole once done."""
+        pixels = await self.images(work.images)
+        handle = self.engine.submit(work.ids, work.params, pixels, owner=self.owner(request))
+        if work.stream:
+            return _CancellingStream(handle, work.reply.stream(handle), work.reply.media_type)
+        return JSONResponse(work.reply.whole(await self._collect(request, handle)))
+
+    async def _collect(self, request: Request, handle) -> list:
         """Every event of a submitted request; if its client goes away first, the request is cancelled and
         ``ClientGone`` raised."""
         watch = asyncio.ensure_future(_disconnected(request, handle))
@@ -241,11 +264,6 @@ class ServerState:
         if events[-1].finish_reason == "cancelled":
             raise ClientGone()
         return events
-
-    def stream(self, handle, chunks, media_type: str) -> StreamingResponse:
-        """A response streaming ``chunks`` (made from ``handle``'s events), cancelling the request if it
-        stops early."""
-        return _CancellingStream(handle, chunks, media_type)
 
 
 async def _disconnected(request: Request, handle) -> None:

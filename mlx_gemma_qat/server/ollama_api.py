@@ -122,22 +122,13 @@ async def _run(request: Request, read, *, chat: bool):
         reply = _Reply(name, chat=chat, started=started)
         prompt = read(state, body)
         if prompt is None:
-            return reply, None
+            return reply.loaded()
         ids, images = prompt
-        state.engine.check_prompt(ids, len(images))
         params = _sampling(body, state.defaults, state.card.context)
-        return reply, (ids, images, params, field(body, "stream", bool, True))
+        return state.work(reply, ids, params, images, stream=field(body, "stream", bool, True))
 
-    reply, work = await state.prepare(prepare, await state.body(request))
-    if work is None:
-        return JSONResponse(reply.loaded())
-    ids, images, params, stream = work
-    pixels = await state.images(images)
-    handle = state.submit(request, ids, params, pixels)
-    if stream:
-        return state.stream(handle, reply.ndjson(handle), "application/x-ndjson")
-    events = await state.collect(request, handle)
-    return JSONResponse(reply.final("".join(e.text for e in events), events[-1]))
+    work = await state.prepare(prepare, await state.body(request))
+    return JSONResponse(work) if isinstance(work, dict) else await state.answer(request, work)
 
 
 def _chat_prompt(state, body: dict):
@@ -176,6 +167,8 @@ async def generate(request: Request):
 class _Reply:
     """One answer's objects: a chat's ``message`` or generate's ``response``, and the final timings."""
 
+    media_type = "application/x-ndjson"
+
     def __init__(self, model: str, *, chat: bool, started: float):
         self.model, self.chat, self.started = model, chat, started
 
@@ -195,7 +188,10 @@ class _Reply:
                 "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(u.prompt_s * ns),
                 "eval_count": u.completion_tokens, "eval_duration": int(u.generation_s * ns)}
 
-    async def ndjson(self, handle):
+    def whole(self, events: list) -> dict:
+        return self.final("".join(e.text for e in events), events[-1])
+
+    async def stream(self, handle):
         """The stream's lines; an error after the stream began ends it with an {"error"} line."""
         try:
             async for e in handle.events():

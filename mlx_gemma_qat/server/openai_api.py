@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from .engine import SamplingParams
 from .errors import public_error
-from .prompts import BadRequest, ImageRef, chat_ids, field, openai_messages, stop_strings, text_ids
+from .prompts import BadRequest, chat_ids, field, openai_messages, stop_strings, text_ids
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +51,10 @@ async def get_model(request: Request) -> JSONResponse:
     return JSONResponse(_model_entry(state.card))
 
 
-@dataclass
-class _Prepared:
-    """A request read and checked, before its images are read: what ``_answer`` needs."""
-
-    reply: "_Reply"
-    ids: list[int]
-    params: SamplingParams
-    images: list[ImageRef]
-    stream: bool
-    include_usage: bool
-
-
-def _prepared(state, body: dict, reply: "_Reply", ids: list[int], params: SamplingParams,
-              images: list[ImageRef]) -> _Prepared:
-    state.engine.check_prompt(ids, len(images))
-    stream = field(body, "stream", bool, False)
-    include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False,
-                          where="stream_options.")
-    return _Prepared(reply, ids, params, images, stream, include_usage)
-
-
 async def chat_completions(request: Request):
     state = request.app.state.server
 
-    def prepare(body: dict) -> _Prepared:
+    def prepare(body: dict):
         model = state.check_model(body)
         messages, images = openai_messages(field(body, "messages", list, required=True))
         if not messages:
@@ -89,15 +68,15 @@ async def chat_completions(request: Request):
         params = _sampling(body, state.defaults, chat=True)
         engine = state.engine
         ids = chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars)
-        return _prepared(state, body, _Reply(model, engine.tokenizer, chat=True), ids, params, images)
+        return state.work(_Reply(model, engine.tokenizer, body, chat=True), ids, params, images, stream=_stream(body))
 
-    return await _answer(request, await state.prepare(prepare, await state.body(request)))
+    return await state.answer(request, await state.prepare(prepare, await state.body(request)))
 
 
 async def completions(request: Request):
     state = request.app.state.server
 
-    def prepare(body: dict) -> _Prepared:
+    def prepare(body: dict):
         model = state.check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -111,9 +90,13 @@ async def completions(request: Request):
         params = _sampling(body, state.defaults, chat=False)
         engine = state.engine
         ids = text_ids(engine.model, engine.tokenizer, prompt, max_chars=state.max_chars)
-        return _prepared(state, body, _Reply(model, engine.tokenizer, chat=False), ids, params, [])
+        return state.work(_Reply(model, engine.tokenizer, body, chat=False), ids, params, [], stream=_stream(body))
 
-    return await _answer(request, await state.prepare(prepare, await state.body(request)))
+    return await state.answer(request, await state.prepare(prepare, await state.body(request)))
+
+
+def _stream(body: dict) -> bool:
+    return field(body, "stream", bool, False)
 
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
@@ -143,20 +126,16 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
     )
 
 
-async def _answer(request: Request, prep: _Prepared):
-    state = request.app.state.server
-    pixels = await state.images(prep.images)
-    handle = state.submit(request, prep.ids, prep.params, pixels)
-    if prep.stream:
-        return state.stream(handle, prep.reply.sse(handle, prep.include_usage), "text/event-stream")
-    return JSONResponse(prep.reply.whole(await state.collect(request, handle)))
-
-
 class _Reply:
-    """One answer's id, time and model, and its events in the chat or the completions shape."""
+    """One answer's id, time and model, and its events in the chat or the completions shape (``body``: the
+    request, for its streaming options)."""
 
-    def __init__(self, model: str, tokenizer, *, chat: bool):
+    media_type = "text/event-stream"
+
+    def __init__(self, model: str, tokenizer, body: dict, *, chat: bool):
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
+        self.include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False,
+                                   where="stream_options.")
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.offset = 0  # legacy logprobs: characters of token text so far
@@ -200,8 +179,9 @@ class _Reply:
         return {**self._head(False), "choices": [self._choice(text, events, last.finish_reason, chunk=False)],
                 "usage": _usage(last.usage)}
 
-    async def sse(self, handle, include_usage: bool):
+    async def stream(self, handle):
         """The stream's ``data:`` lines; an error after the stream began ends it with an error chunk."""
+        include_usage = self.include_usage
         extra = {"usage": None} if include_usage else {}
 
         def data(obj) -> str:
