@@ -10,12 +10,14 @@ import io
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from served import serve
 
+from mlx_gemma_qat.fetch import SERVER_POLICY
 from mlx_gemma_qat.generate import generate
 from mlx_gemma_qat.server import prompts
 from mlx_gemma_qat.server.app import ServerOptions
@@ -361,3 +363,7 @@ def test_serve_command_keys(tiny, monkeypatch):
     assert ran["app"].state.server.options.api_keys == ("first", "second")
     res = CliRunner().invoke(cli.main, ["serve", "-m", folder, "--allow-private-urls"])
     assert res.exit_code == 2 and "--allow-image-urls" in res.output
+    for flags, private in ((["--allow-image-urls"], False), (["--allow-image-urls", "--allow-private-urls"], True)):
+        assert CliRunner().invoke(cli.main, ["serve", "-m", folder, *flags]).exit_code == 0
+        policy = ran["app"].state.server.options.fetch_policy
+        assert policy == replace(SERVER_POLICY, allow_private=private)
