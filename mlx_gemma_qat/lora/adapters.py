@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..atomic import atomic_file, write_text
 from ..model.multimodal import text_model  # noqa: F401  (adapters live in the text model; trainer imports it here)
 from ..model.quantized import Embedding, Linear, QuantizedEmbedding, QuantizedLinear
 from .layers import KINDS, AdapterError, LoRAEmbedding, LoRALinear, group_size_of, wrap
@@ -115,25 +115,13 @@ def adapter_weights(model) -> dict[str, mx.array]:
     return dict(tree_flatten(text_model(model).trainable_parameters()))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
-    _atomic_write(Path(path), lambda t: mx.save_safetensors(t, arrays, metadata=metadata or {}))
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 
 
 def save_json(path: Path, obj) -> None:
-    def write(t):
-        Path(t).write_text(json.dumps(obj, indent=2))
-    _atomic_write(Path(path), write)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def save_adapters(model, cfg: AdapterConfig, folder: str | os.PathLike) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from ..atomic import atomic_dir, write_text
 from .adapters import (AdapterConfig, AdapterError, adapter_layers, adapter_weights, apply_adapters, check_identity, save_adapters,
                        save_json, save_safetensors, set_adapter_weights, text_model)
 
@@ -198,27 +198,22 @@ def _checkpoint_dir(adapter_path: Path) -> Path:
 
 def save_checkpoint(adapter_path: Path, step: int, model, optimizer, adapter_cfg, train_cfg, extra: dict,
                     keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically: into a ``.partial`` folder, renamed when complete, then the
-    ``latest`` pointer is replaced (an interrupted save leaves the previous checkpoint as the latest)."""
+    """Write checkpoint ``step`` atomically (atomic.atomic_dir: a temporary folder, flushed, renamed when
+    complete), then replace the ``latest`` pointer the same way: an interrupted save leaves the previous
+    checkpoint as the latest. Keeps the ``keep`` newest checkpoints, and removes temporaries left by a save
+    that was killed."""
     root = _checkpoint_dir(adapter_path)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    tmp = root / f"{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_safetensors(tmp / "adapters.safetensors", adapter_weights(model))
-    save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
-    save_json(tmp / "state.json", {"step": step, "adapter": asdict(adapter_cfg), "train": asdict(train_cfg),
-                                   **extra})
     final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / LATEST
-    tmp_ptr = root / f".{LATEST}.tmp"
-    tmp_ptr.write_text(name)
-    os.replace(tmp_ptr, pointer)
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
-    for old in done[:-keep]:
+    with atomic_dir(final) as tmp:
+        save_safetensors(tmp / "adapters.safetensors", adapter_weights(model))
+        save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        save_json(tmp / "state.json", {"step": step, "adapter": asdict(adapter_cfg), "train": asdict(train_cfg),
+                                       **extra})
+    write_text(root / LATEST, name)
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] + list(root.glob(".step-*.partial*")):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
