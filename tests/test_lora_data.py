@@ -1,6 +1,7 @@
 """lora/data.py: JSONL reading, formats, target masks, images, length-bucketed / packed / sharded batches."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -166,6 +167,26 @@ def test_load_splits_folder(tmp_path):
         load_splits(tmp_path)
     with pytest.raises(DataError, match="no such folder"):
         load_splits(tmp_path / "nope")
+
+
+def test_a_missing_local_path_is_an_error_never_a_hub_download(tmp_path, monkeypatch):
+    from mlx_gemma_qat.lora import data as data_mod
+
+    asked = []
+
+    def hub(repo_id):
+        asked.append(repo_id)
+        return tmp_path
+
+    monkeypatch.setattr(data_mod, "_hub_snapshot", hub)
+    monkeypatch.chdir(tmp_path)
+    for missing in ("data/train.jsonl", "./data", "~/no-such-data-here", str(tmp_path / "nope"),
+                    "data\\train", "one/two/three", "org/set.parquet", "x"):
+        with pytest.raises(DataError, match=f"{re.escape(missing)}: no such folder"):
+            load_splits(missing)
+    assert asked == []
+    write(tmp_path / "train.jsonl", [{"text": "a"}])
+    assert load_splits("tiny-org/tiny.data")["train"][0]["text"] == "a" and asked == ["tiny-org/tiny.data"]
 
 
 def test_load_splits_hub_offline_cache(tmp_path, monkeypatch):

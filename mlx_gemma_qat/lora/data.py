@@ -134,6 +134,18 @@ def read_jsonl(path, name: str | None = None) -> list[dict]:
     return records
 
 
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(f"{_REPO_PART}/{_REPO_PART}")
+
+
+def is_repo_id(data: str) -> bool:
+    """Whether a string that is no local path is clearly a Hugging Face dataset id: ``owner/name`` of the hub's
+    characters (letters, digits, ``-_.``, not at either end, no ``--`` or ``..``), not ending like a data file.
+    Anything else that does not exist (``./x``, ``~/x``, ``a/b/c``, ``x.jsonl``, ``C:\\x``) is a missing path."""
+    return (bool(_REPO_ID.fullmatch(data)) and "--" not in data and ".." not in data
+            and not data.lower().endswith((".jsonl", ".json", ".parquet")))
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -160,11 +172,10 @@ def load_splits(data, *, splits=("train", "valid", "test"), required=("train",))
         if not p.is_dir():
             raise DataError(f"{data}: not a folder (give a folder with train.jsonl, valid.jsonl, test.jsonl)")
         root, label = p, None
+    elif isinstance(data, str) and is_repo_id(data):
+        root, label = _hub_snapshot(data), data
     else:
-        s = str(data)
-        if s.count("/") != 1 or s.startswith((".", "/", "~")):
-            raise DataError(f"{data}: no such folder")
-        root, label = _hub_snapshot(s), s
+        raise DataError(f"{data}: no such folder (a Hugging Face dataset is named owner/name)")
     out = {}
     for split in splits:
         for rel in (f"{split}.jsonl", f"data/{split}.jsonl"):
@@ -493,4 +504,4 @@ class Batches:
         return int(sum(sum(m[1:]) for _, m, _ in (self._row(p) for p in self._global(step))))
 
 
-__all__ = ["DataError", "Example", "read_jsonl", "record_format", "load_splits", "encode", "Batches"]
+__all__ = ["DataError", "Example", "read_jsonl", "record_format", "load_splits", "is_repo_id", "encode", "Batches"]
