@@ -208,6 +208,27 @@ def test_nan_loss_stops_with_the_last_checkpoint(qfolder, tmp_path):
               TrainConfig(iters=8, batch_size=4, save_every=4), progress=False, log=lambda *_: None)
 
 
+def test_unknown_settings_are_refused(qfolder, tmp_path):
+    """A typo in a settings dict is an error naming it (it was dropped, and the run used the default)."""
+    from mlx_gemma_qat.lora import finetune
+
+    with pytest.raises(TrainingError, match="unknown training setting 'learning_rte' \\(did you mean 'learning_rate'"):
+        TrainConfig.from_dict({"iters": 2, "learning_rte": 1e-3})
+    with pytest.raises(AdapterError, match="unknown adapter setting 'rnak'"):
+        AdapterConfig.from_dict({"rnak": 4})
+    with pytest.raises(TrainingError, match="unknown training setting 'rank'"):
+        finetune(qfolder, tmp_path, tmp_path / "ad", train_config={"iters": 1, "rank": 4})
+    with pytest.raises(AdapterError, match="unknown adapter settings 'iters', 'seed'"):
+        finetune(qfolder, tmp_path, tmp_path / "ad", adapter={"iters": 1, "seed": 2})
+    assert not (tmp_path / "ad").exists()
+    model, _ = load(qfolder)
+    save_adapters(model, apply_adapters(model, AdapterConfig(num_layers=1)), tmp_path / "saved")
+    cfg = tmp_path / "saved" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lora_scale": 2.0}))
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not a valid adapter config .*'lora_scale'"):
+        load(qfolder, adapter_path=tmp_path / "saved")
+
+
 def test_adapter_from_another_model_is_refused(qfolder, tmp_path):
     from mlx_gemma_qat.convert import convert
 

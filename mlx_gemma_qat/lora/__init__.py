@@ -42,7 +42,8 @@ def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, tr
              dtype=None, widen=None, test: bool = False, progress: bool = True, log=print, stop_after=None) -> TrainResult:
     """Train an adapter on ``model`` (path, GGUF, repo id; None: the embedded 270M) with the JSONL data of
     ``data`` (a folder with train/valid[/test].jsonl, or a hub dataset id). ``adapter``: AdapterConfig or dict
-    (kind, rank, scale, dropout, num_layers, keys, embedding); ``train_config``: TrainConfig or dict."""
+    (kind, rank, scale, dropout, num_layers, keys, embedding); ``train_config``: TrainConfig or dict (a key that is
+    not a setting is an error)."""
     from .. import load
     from .trainer import _World
 

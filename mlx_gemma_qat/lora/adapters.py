@@ -20,6 +20,7 @@ from ..atomic import atomic_file, write_text
 from ..model.multimodal import text_model  # noqa: F401  (adapters live in the text model; trainer imports it here)
 from ..model.quantized import Embedding, Linear, QuantizedEmbedding, QuantizedLinear
 from .layers import KINDS, AdapterError, LoRAEmbedding, LoRALinear, group_size_of, wrap
+from .settings import from_dict
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapters.safetensors"
 EMBEDDING = "model.embed_tokens"
@@ -46,8 +47,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        """From a dict of fields; an unknown key is an AdapterError."""
+        return from_dict(cls, d, "adapter", AdapterError)
 
 
 def _targets(text: nn.Module, cfg: AdapterConfig) -> list[str]:
@@ -139,7 +140,7 @@ def read_adapter_config(folder: str | os.PathLike) -> AdapterConfig:
         raise AdapterError(f"{folder}: no {CONFIG_FILE} (not an adapter folder)")
     try:
         return AdapterConfig.from_dict(json.loads(p.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, AdapterError) as e:
         raise AdapterError(f"{p}: not a valid adapter config ({e})") from None
 
 

@@ -20,7 +20,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..atomic import atomic_dir, write_text
 from .adapters import (AdapterConfig, AdapterError, adapter_layers, adapter_weights, apply_adapters, check_identity, save_adapters,
                        save_json, save_safetensors, set_adapter_weights, text_model)
+from .settings import from_dict
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss-curve.png"
 CHECKPOINTS, LATEST = "checkpoints", "latest"
@@ -67,7 +68,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{k: d[k] for k in (f.name for f in fields(cls)) if k in d})
+        """From a dict of fields; an unknown key is a TrainingError."""
+        return from_dict(cls, d, "training", TrainingError)
 
 
 def schedule(cfg: TrainConfig):
