@@ -229,6 +229,30 @@ def test_unknown_settings_are_refused(qfolder, tmp_path):
         load(qfolder, adapter_path=tmp_path / "saved")
 
 
+def test_non_finite_gradients_with_a_finite_loss_stop_before_the_update(qfolder, tmp_path, monkeypatch):
+    from mlx_gemma_qat.lora import trainer
+
+    real, calls = trainer.batch_loss, [0]
+
+    def poisoned(model, *a, **k):
+        s, n = real(model, *a, **k)
+        calls[0] += 1
+        if calls[0] == 6:  # step 6: the loss unchanged, a NaN gradient (0 * the infinite slope of sqrt at 0)
+            w = adapter_layers(model)["model.layers.7.mlp.down_proj"].lora_a
+            s = s + 0.0 * mx.sqrt(mx.abs(w - w)).sum()
+        return s, n
+
+    monkeypatch.setattr(trainer, "batch_loss", poisoned)
+    model, _ = load(qfolder)
+    with pytest.raises(TrainingError, match=r"gradients are not finite \(inf or NaN in model\.layers\.7\.mlp\.down_proj"
+                                            r"\.lora_a\) though the loss is finite \(\d.*\) at step 6; nothing"):
+        train(model, PatternBatches(6, 4, 24, 0), None, tmp_path / "g", AdapterConfig(num_layers=2),
+              TrainConfig(iters=8, batch_size=4, save_every=3), progress=False, log=lambda *_: None)
+    assert all(mx.all(mx.isfinite(v)).item() for v in adapter_weights(model).values())  # the step was not applied
+    saved = mx.load(str(latest_checkpoint(tmp_path / "g") / "adapters.safetensors"))
+    assert all(mx.all(mx.isfinite(v)).item() for v in saved.values())  # nor saved
+
+
 def test_adapter_from_another_model_is_refused(qfolder, tmp_path):
     from mlx_gemma_qat.convert import convert
 

@@ -193,6 +193,21 @@ def evaluate(model, batches, n: int, cfg: TrainConfig, world: _World | None = No
     return float(total.item() / max(count.item(), 1.0))
 
 
+def _not_finite(loss: float, grads) -> str | None:
+    """What is not finite in a step (the loss, else the gradient tensors with an inf or NaN), or None. A finite
+    loss can have non-finite gradients (an overflow in the backward pass): applying them would put NaN in every
+    adapter weight they reach, and in every checkpoint after."""
+    if not math.isfinite(loss):
+        return f"the training loss became {loss}"
+    flat = tree_flatten(grads)
+    ok = mx.stack([mx.all(mx.isfinite(g)) for _, g in flat]).tolist()
+    bad = [name for (name, _), good in zip(flat, ok) if not good]
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return f"the gradients are not finite (inf or NaN in {bad[0]}{more}) though the loss is finite ({loss:.4f})"
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 def _checkpoint_dir(adapter_path: Path) -> Path:
     return adapter_path / CHECKPOINTS
@@ -374,10 +389,11 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
         grads, lsum, ntok = world.sum((grads, lsum, ntok))
         count = max(ntok.item(), 1.0)
         loss = lsum.item() / count
-        if not math.isfinite(loss):
+        problem = _not_finite(loss, grads)
+        if problem:
             ck = latest_checkpoint(adapter_path)
             bar.close()
-            raise TrainingError(f"the training loss became {loss} at step {step + 1}; nothing of that step was applied. "
+            raise TrainingError(f"{problem} at step {step + 1}; nothing of that step was applied. "
                                 + (f"The last good checkpoint is {ck} (resume from it with a lower learning rate)."
                                    if ck else "No checkpoint was written yet."))
         grads = tree_map(lambda x: x / count, grads)
