@@ -1,6 +1,7 @@
 """LoRA adapters, training, resume and fuse on the tiny fixture (quantized: Q4_0-grid linears, 4-bit embedding)."""
 
 import json
+import signal
 from pathlib import Path
 
 import mlx.core as mx
@@ -129,13 +130,13 @@ def test_gradients_match_finite_differences(qfolder, kind):
     assert checked == 18
 
 
-def _run(folder, out, kind="pooled", iters=8, stop_after=None, resume=False, **kw):
+def _run(folder, out, kind="pooled", iters=8, stop_after=None, resume=False, train_set=None, log=None, **kw):
     model, _ = load(folder)
     tcfg = TrainConfig(iters=iters, batch_size=4, learning_rate=5e-4, warmup=2, val_every=4, save_every=4,
                        report_every=2, **kw)
     acfg = AdapterConfig(kind=kind, num_layers=4, embedding=True, dropout=0.1)
-    return model, train(model, PatternBatches(6, 4, 24, 0), PatternBatches(2, 4, 24, 1), out, acfg, tcfg,
-                        progress=False, log=lambda *_: None, stop_after=stop_after, resume=resume)
+    return model, train(model, train_set or PatternBatches(6, 4, 24, 0), PatternBatches(2, 4, 24, 1), out, acfg, tcfg,
+                        progress=False, log=log or (lambda *_: None), stop_after=stop_after, resume=resume)
 
 
 def test_training_lowers_validation_loss_and_writes_outputs(qfolder, tmp_path):
@@ -201,11 +202,83 @@ def test_interrupted_checkpoint_keeps_the_last_good_one(qfolder, tmp_path, monke
     assert latest_checkpoint(tmp_path / "r").name == "step-0000008"
 
 
-def test_nan_loss_stops_with_the_last_checkpoint(qfolder, tmp_path):
+def test_checkpoints_every_tenth_of_the_run_by_default(qfolder, tmp_path):
+    assert [TrainConfig(iters=n).checkpoint_every for n in (5, 100, 1500)] == [1, 10, 150]
+    assert TrainConfig(iters=100, save_every=0).checkpoint_every == 0
     model, _ = load(qfolder)
-    with pytest.raises(TrainingError, match=r"loss became nan at step 6.*step-0000004"):
+    train(model, PatternBatches(6, 4, 24, 0), None, tmp_path / "c", AdapterConfig(num_layers=1),
+          TrainConfig(iters=20, batch_size=4), progress=False, log=lambda *_: None, stop_after=3)
+    assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000003"]
+
+
+class Interrupting(PatternBatches):
+    """Ctrl-C (``times`` SIGINTs to this process), or ``error`` raised, when batch ``at`` is fetched."""
+
+    def __init__(self, *a, at, times=1, error=None):
+        super().__init__(*a)
+        self.at, self.times, self.error = at, times, error
+
+    def batch(self, k):
+        if k == self.at:
+            if self.error is not None:
+                raise self.error
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+        return super().batch(k)
+
+
+@pytest.mark.parametrize("how, saved", [("ctrl-c", 6), ("ctrl-c twice", 5), ("error", 5)])
+def test_a_stopped_run_saves_its_last_completed_step_and_resumes_exactly(qfolder, tmp_path, how, saved):
+    """Ctrl-C lets the step in progress (6) finish and saves it; a second Ctrl-C or an error stops at once and
+    saves the last completed step (5). Checkpoints are due at 4 and 8 only. Resuming equals an unbroken run."""
+    lines = []
+    batches = Interrupting(6, 4, 24, 0, at=5, times=2 if how == "ctrl-c twice" else 1,
+                           error=OSError("disk on fire") if how == "error" else None)
+    with pytest.raises(OSError if how == "error" else KeyboardInterrupt):
+        _run(qfolder, tmp_path / "r", iters=8, train_set=batches, log=lines.append)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling is restored
+    assert latest_checkpoint(tmp_path / "r").name == f"step-{saved:07d}"
+    what, fix = ("Stopped by an error", " once the error is fixed") if how == "error" else ("Interrupted", "")
+    assert lines[-1] == (f"{what} after step {saved} of 8: saved in {tmp_path / 'r' / 'checkpoints' / f'step-{saved:07d}'}. "
+                         f"To continue{fix}: rerun the same command with --resume added (resume=True in Python)")
+    resumed, _ = _run(qfolder, tmp_path / "r", iters=8, resume=True)
+    full, _ = _run(qfolder, tmp_path / "full", iters=8)
+    a, b = adapter_weights(full), adapter_weights(resumed)
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_an_interruption_inside_an_update_saves_the_step_before_it(qfolder, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of step 6's optimizer update (its step counter and some moments already moved): the
+    saved step 5 is step 5's state, not a mix, and resuming from it equals an unbroken run."""
+    import mlx.optimizers as optim
+
+    real, calls = optim.AdamW.apply_single, [0]
+
+    def interrupted(self, *a):
+        if self.step.item() == 6:
+            calls[0] += 1
+            if calls[0] == 10:
+                raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(optim.AdamW, "apply_single", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(qfolder, tmp_path / "r", iters=8)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "r").name == "step-0000005"
+    resumed, _ = _run(qfolder, tmp_path / "r", iters=8, resume=True)
+    full, _ = _run(qfolder, tmp_path / "full", iters=8)
+    a, b = adapter_weights(full), adapter_weights(resumed)
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_nan_loss_stops_and_saves_the_last_completed_step(qfolder, tmp_path):
+    model, _ = load(qfolder)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6; nothing of that step was applied\. "
+                                            r"Step 5, the last completed one, is saved in .*step-0000005"):
         train(model, PatternBatches(6, 4, 24, 0, nan_at=5), None, tmp_path / "n", AdapterConfig(num_layers=2),
               TrainConfig(iters=8, batch_size=4, save_every=4), progress=False, log=lambda *_: None)
+    assert latest_checkpoint(tmp_path / "n").name == "step-0000005"
 
 
 def test_unknown_settings_are_refused(qfolder, tmp_path):
@@ -356,6 +429,41 @@ def test_cli_lora_fuse_generate(qfolder, tmp_path):
     for extra in ([], ["--adapter-path", str(tmp_path / "ad")]):
         r = run(main, ["generate", "-m", str(qfolder), "-p", "Say red", "-n", "4", "--no-stats", *extra])
         assert r.exit_code == 0, r.output
+
+
+def test_cli_ctrl_c_saves_and_prints_the_resume_command(qfolder, tmp_path):
+    """A real SIGINT to `mlx-gemma lora` (no --save-every: checkpoints every 150 of 1500 steps): the step in
+    progress is finished and saved, the exact command to continue is printed, the exit status is not 0."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": f"{w} is a colour"} for w in "red green blue black".split()]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ad"
+    args = ["lora", "-m", str(qfolder), "--data", str(data), "--adapter-path", str(out), "--iters", "1500",
+            "--batch-size", "2", "--num-layers", "1", "--report-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma_qat.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and "train_loss" in (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    line = next(x for x in err.splitlines() if x.startswith("Interrupted after step "))
+    step = int(line.split()[3])
+    assert 0 < step < 150 and latest_checkpoint(out).name == f"step-{step:07d}"
+    assert line.endswith(f"To continue: {shlex.join(['mlx-gemma', *args, '--resume'])}"), line
 
 
 def test_training_on_chat_records_with_images_keeps_the_vision_tower_frozen(vlm, tmp_path):

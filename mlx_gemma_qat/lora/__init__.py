@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .adapters import AdapterConfig, AdapterError, apply_adapters, load_adapters, save_adapters
 from .layers import KINDS
-from .trainer import TrainConfig, TrainingError, TrainResult, evaluate, train
+from .trainer import NonFiniteError, TrainConfig, TrainingError, TrainResult, evaluate, train
 
 
 def _config(cls, value):
@@ -39,11 +39,12 @@ def datasets(data, tokenizer, train_cfg: TrainConfig, *, model=None, splits=("tr
 
 
 def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, train_config=None, resume: bool = False,
-             dtype=None, widen=None, test: bool = False, progress: bool = True, log=print, stop_after=None) -> TrainResult:
+             dtype=None, widen=None, test: bool = False, progress: bool = True, log=print, stop_after=None,
+             resume_command: str | None = None) -> TrainResult:
     """Train an adapter on ``model`` (path, GGUF, repo id; None: the embedded 270M) with the JSONL data of
     ``data`` (a folder with train/valid[/test].jsonl, or a hub dataset id). ``adapter``: AdapterConfig or dict
     (kind, rank, scale, dropout, num_layers, keys, embedding); ``train_config``: TrainConfig or dict (a key that is
-    not a setting is an error)."""
+    not a setting is an error). ``resume_command``: the command that resumes this run, told when it stops early."""
     from .. import load
     from .trainer import _World
 
@@ -53,11 +54,11 @@ def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, tr
     sets = datasets(data, tok, t_cfg, model=m, rank=world.rank, world=world.size,
                     splits=("train", "valid", "test") if test else ("train", "valid"), warn=log)
     result = train(m, sets["train"], sets.get("valid"), adapter_path, a_cfg, t_cfg, resume=resume, progress=progress,
-                   log=log, stop_after=stop_after)
+                   log=log, stop_after=stop_after, resume_command=resume_command)
     if test and "test" in sets:
         result.test_loss = evaluate(m, sets["test"], -1, t_cfg)
     return result
 
 
-__all__ = ["AdapterConfig", "AdapterError", "TrainConfig", "TrainResult", "TrainingError", "KINDS", "finetune",
+__all__ = ["AdapterConfig", "AdapterError", "TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "KINDS", "finetune",
            "datasets", "train", "evaluate", "apply_adapters", "load_adapters", "save_adapters"]

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +45,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint that does not fit this run)."""
 
 
+class NonFiniteError(TrainingError):
+    """A step's loss or gradients are not finite: the step was not applied (the run diverged)."""
+
+
 @dataclass
 class TrainConfig:
     iters: int = 100
@@ -60,11 +67,16 @@ class TrainConfig:
     loss_chunk: int = 256          # target positions per chunk of the output head
     val_every: int = 50            # steps between validations (0: only at the end)
     val_batches: int = 25          # -1: the whole validation set
-    save_every: int = 100          # steps between checkpoints (0: only at the end)
+    save_every: int | None = None  # steps between checkpoints (None: a tenth of iters; 0: only at the end)
     report_every: int = 10
 
     # what may differ between a run and its resumption without changing the result
     _FREE = ("val_every", "val_batches", "save_every", "report_every")
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints: ``save_every``, or a tenth of the run when it is None (0: only at the end)."""
+        return max(1, self.iters // 10) if self.save_every is None else self.save_every
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -213,6 +225,11 @@ def _checkpoint_dir(adapter_path: Path) -> Path:
     return adapter_path / CHECKPOINTS
 
 
+def checkpoint_path(adapter_path: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is (or would be) saved."""
+    return _checkpoint_dir(Path(adapter_path)) / f"step-{step:07d}"
+
+
 def save_checkpoint(adapter_path: Path, step: int, model, optimizer, adapter_cfg, train_cfg, extra: dict,
                     keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically (atomic.atomic_dir: a temporary folder, flushed, renamed when
@@ -221,8 +238,8 @@ def save_checkpoint(adapter_path: Path, step: int, model, optimizer, adapter_cfg
     that was killed."""
     root = _checkpoint_dir(adapter_path)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
-    final = root / name
+    final = checkpoint_path(adapter_path, step)
+    name = final.name
     with atomic_dir(final) as tmp:
         save_safetensors(tmp / "adapters.safetensors", adapter_weights(model))
         save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
@@ -274,6 +291,59 @@ def _resume(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, tr
 
 
 # ------------------------------------------------------------------------------------------ training
+class _CtrlC:
+    """While training: the first Ctrl-C (SIGINT) asks to stop after the step in progress, which is then completed
+    and saved; a second one interrupts at once (KeyboardInterrupt; the last completed step is saved). The request
+    is only recorded here; the training loop reads ``requested`` and shares it with the other data-parallel ranks
+    through the step's gradient sum, so that all of them stop after the same step even when only one was
+    interrupted. Installed only in the main thread (elsewhere Python delivers no signal); the previous handler
+    is restored on exit."""
+
+    def __init__(self, say: bool):
+        self.requested, self.say, self._previous, self._installed = False, say, None, False
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.say:  # os.write: buffered streams must not be re-entered from a signal handler
+            try:
+                os.write(2, b"\nCtrl-C: stopping after this step, which will be saved (Ctrl-C again: stop now)\n")
+            except OSError:
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+
+@dataclass
+class _Completed:
+    """The state after the last completed step (MLX arrays are immutable: holding them copies nothing)."""
+
+    step: int
+    params: dict
+    opt_state: dict
+    trained_tokens: int
+
+    @classmethod
+    def of(cls, step: int, model, optimizer, trained_tokens: int) -> "_Completed":
+        return cls(step, text_model(model).trainable_parameters(), tree_map(lambda x: x, optimizer.state),
+                   trained_tokens)
+
+    def restore(self, model, optimizer) -> None:
+        """Put this state back (an interruption can come between an update's parts)."""
+        text_model(model).update(self.params)
+        optimizer.state = tree_map(lambda x: x, self.opt_state)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -312,11 +382,41 @@ def _write_plot(adapter_path: Path, metrics: list[dict]) -> Path | None:
     return out
 
 
+def _diverged_advice(adapter_path: Path, step: int | None) -> str:
+    where = f"Step {step}, the last completed one, is saved in {checkpoint_path(adapter_path, step)}; " if step else ""
+    return (where + "a run is deterministic, so resuming it would meet the same step again: train anew with a lower "
+            "learning rate or a --max-grad-norm")
+
+
+def _stop_message(e: BaseException, adapter_path: Path, completed: int, saved: int, iters: int, world: int,
+                  resume_command: str | None) -> str:
+    """The line that tells how to continue a run that stopped early after step ``completed``, whose newest
+    checkpoint is step ``saved`` (0: none)."""
+    what = "Interrupted" if isinstance(e, KeyboardInterrupt) else "Stopped by an error"
+    if saved == 0:
+        return f"{what} before any step was saved: nothing to resume."
+    where = f"saved in {checkpoint_path(adapter_path, saved)}"
+    if saved < completed:
+        where = f"step {completed} could not be saved; the newest checkpoint is step {saved}"
+    if world > 1:
+        how = "rerun the same mlx.launch command with --resume added"
+    else:
+        how = resume_command or "rerun the same command with --resume added (resume=True in Python)"
+    fix = "" if isinstance(e, KeyboardInterrupt) else " once the error is fixed"
+    return f"{what} after step {completed} of {iters}: {where}. To continue{fix}: {how}"
+
+
 def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig, train_cfg: TrainConfig, *,
-          resume: bool = False, progress: bool = True, log=print, stop_after: int | None = None) -> TrainResult:
+          resume: bool = False, progress: bool = True, log=print, stop_after: int | None = None,
+          resume_command: str | None = None) -> TrainResult:
     """Train adapters on ``model`` (loaded by model/load.py) from ``data.Batches`` of the train and validation
     sets (built with this run's batch size, seed and rank). Writes the adapter, metrics and checkpoints under
-    ``adapter_path``. ``stop_after``: stop (as if interrupted) after that many steps of this call."""
+    ``adapter_path``. ``stop_after``: stop (as if interrupted) after that many steps of this call.
+
+    No lost work: Ctrl-C (see ``_CtrlC``) or an error during the steps saves the last completed step as a
+    checkpoint (unless it is saved already; rank 0 alone, with no collective, so it cannot wait on a rank that
+    is gone), logs how to continue (``resume_command``: the exact command, when the caller knows it) and raises.
+    A step whose loss or gradients are not finite is not applied (NonFiniteError)."""
     from tqdm import tqdm
 
     if train_cfg.grad_checkpoint and adapter_cfg.dropout > 0:
@@ -376,52 +476,77 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     tokens, t0, window_loss, window_n, last_train = 0, time.perf_counter(), 0.0, 0.0, float("nan")
     trained_tokens = int(next((m.get("trained_tokens", 0) for m in reversed(metrics) if "trained_tokens" in m), 0))
     val = None
-    for step in range(start, end):
-        mx.random.seed(train_cfg.seed * 1_000_003 + step * 7919 + world.rank)
-        grads, lsum, ntok = None, mx.array(0.0), mx.array(0.0)
-        for micro in range(train_cfg.grad_accum):
-            inputs, targets, weights, images = _to_arrays(train_set.batch(step * train_cfg.grad_accum + micro))
-            (s, n), g = loss_and_grad(inputs, targets, weights, images,
-                                      grad_checkpoint=train_cfg.grad_checkpoint, chunk=train_cfg.loss_chunk)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            lsum, ntok = lsum + s, ntok + n
-            mx.eval(grads, lsum, ntok)
-        grads, lsum, ntok = world.sum((grads, lsum, ntok))
-        count = max(ntok.item(), 1.0)
-        loss = lsum.item() / count
-        problem = _not_finite(loss, grads)
-        if problem:
-            ck = latest_checkpoint(adapter_path)
-            bar.close()
-            raise TrainingError(f"{problem} at step {step + 1}; nothing of that step was applied. "
-                                + (f"The last good checkpoint is {ck} (resume from it with a lower learning rate)."
-                                   if ck else "No checkpoint was written yet."))
-        grads = tree_map(lambda x: x / count, grads)
-        if train_cfg.max_grad_norm > 0:
-            grads, _ = optim.clip_grad_norm(grads, train_cfg.max_grad_norm)
-        opt.update(text_model(model), grads)
-        mx.eval(text_model(model).trainable_parameters(), opt.state)
-        tokens += int(ntok.item())
-        trained_tokens += int(ntok.item())
-        window_loss, window_n = window_loss + lsum.item(), window_n + ntok.item()
-        done = step + 1
-        bar.update(1)
-        if done % max(train_cfg.report_every, 1) == 0 or done == end:
-            dt = time.perf_counter() - t0 - paused[0]
-            last_train = window_loss / max(window_n, 1.0)
-            m = {"step": done, "train_loss": last_train, "learning_rate": float(opt.learning_rate.item()),
-                 "tokens_per_s": tokens / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                 "trained_tokens": trained_tokens}
-            log_metric(m)
-            bar.set_postfix(loss=f"{last_train:.3f}", tok_s=f"{m['tokens_per_s']:.1f}",
-                            peak=f"{m['peak_memory_gb']:.2f}GB", refresh=False)
-            window_loss, window_n = 0.0, 0.0
-        if train_cfg.val_every and done % train_cfg.val_every == 0 and done != train_cfg.iters:
-            val = validate(done)
-            if main and progress and val is not None:
-                bar.write(f"step {done}: validation loss {val:.4f}")
-        if main and ((train_cfg.save_every and done % train_cfg.save_every == 0) or done == end):
-            save_checkpoint(adapter_path, done, model, opt, adapter_cfg, train_cfg, {"trained_tokens": trained_tokens})
+    completed = _Completed.of(start, model, opt, trained_tokens)
+    saved = [start]  # the step of the newest checkpoint (start: none yet, or the one resumed from)
+
+    def save(c: _Completed) -> None:
+        if main:
+            save_checkpoint(adapter_path, c.step, model, opt, adapter_cfg, train_cfg, {"trained_tokens": c.trained_tokens})
+        saved[0] = c.step
+
+    try:
+        with _CtrlC(say=main) as ctrl_c:
+            for step in range(start, end):
+                mx.random.seed(train_cfg.seed * 1_000_003 + step * 7919 + world.rank)
+                grads, lsum, ntok = None, mx.array(0.0), mx.array(0.0)
+                for micro in range(train_cfg.grad_accum):
+                    inputs, targets, weights, images = _to_arrays(train_set.batch(step * train_cfg.grad_accum + micro))
+                    (s, n), g = loss_and_grad(inputs, targets, weights, images,
+                                              grad_checkpoint=train_cfg.grad_checkpoint, chunk=train_cfg.loss_chunk)
+                    grads = g if grads is None else tree_map(mx.add, grads, g)
+                    lsum, ntok = lsum + s, ntok + n
+                    mx.eval(grads, lsum, ntok)
+                grads, lsum, ntok, halt = world.sum((grads, lsum, ntok, mx.array(float(ctrl_c.requested))))
+                count = max(ntok.item(), 1.0)
+                loss = lsum.item() / count
+                problem = _not_finite(loss, grads)
+                if problem:
+                    raise NonFiniteError(f"{problem} at step {step + 1}; nothing of that step was applied")
+                grads = tree_map(lambda x: x / count, grads)
+                if train_cfg.max_grad_norm > 0:
+                    grads, _ = optim.clip_grad_norm(grads, train_cfg.max_grad_norm)
+                opt.update(text_model(model), grads)
+                mx.eval(text_model(model).trainable_parameters(), opt.state)
+                tokens += int(ntok.item())
+                trained_tokens += int(ntok.item())
+                window_loss, window_n = window_loss + lsum.item(), window_n + ntok.item()
+                done = step + 1
+                completed = _Completed.of(done, model, opt, trained_tokens)
+                bar.update(1)
+                if done % max(train_cfg.report_every, 1) == 0 or done == end:
+                    dt = time.perf_counter() - t0 - paused[0]
+                    last_train = window_loss / max(window_n, 1.0)
+                    m = {"step": done, "train_loss": last_train, "learning_rate": float(opt.learning_rate.item()),
+                         "tokens_per_s": tokens / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                         "trained_tokens": trained_tokens}
+                    log_metric(m)
+                    bar.set_postfix(loss=f"{last_train:.3f}", tok_s=f"{m['tokens_per_s']:.1f}",
+                                    peak=f"{m['peak_memory_gb']:.2f}GB", refresh=False)
+                    window_loss, window_n = 0.0, 0.0
+                if train_cfg.val_every and done % train_cfg.val_every == 0 and done != train_cfg.iters:
+                    val = validate(done)
+                    if main and progress and val is not None:
+                        bar.write(f"step {done}: validation loss {val:.4f}")
+                every = train_cfg.checkpoint_every
+                if (every and done % every == 0) or done == end:
+                    save(completed)
+                if halt.item() > 0 and done < end:
+                    raise KeyboardInterrupt
+    except BaseException as e:
+        bar.close()
+        completed.restore(model, opt)
+        if completed.step > saved[0]:
+            try:
+                save(completed)
+            except Exception as failed:  # noqa: BLE001 - say so, and raise the error that stopped the run
+                if main and log:
+                    log(f"Could not save step {completed.step}: {type(failed).__name__}: {failed}")
+        if isinstance(e, NonFiniteError):
+            kept = completed.step if saved[0] == completed.step and completed.step > 0 else None
+            raise NonFiniteError(f"{e}. " + _diverged_advice(adapter_path, kept)) from None
+        if main and log:
+            log(_stop_message(e, adapter_path, completed.step, saved[0], train_cfg.iters, world.size, resume_command))
+        raise
     bar.close()
     elapsed = time.perf_counter() - t0 - paused[0]
     if end == train_cfg.iters:
@@ -436,5 +561,5 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
                        peak_memory_gb=mx.get_peak_memory() / 1e9, adapter_path=adapter_path)
 
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "AdapterError", "train", "evaluate", "batch_loss",
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "AdapterError", "train", "evaluate", "batch_loss",
            "schedule", "save_checkpoint", "latest_checkpoint"]
