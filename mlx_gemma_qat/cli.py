@@ -290,6 +290,8 @@ def _rerun_with_resume() -> str | None:
                    "also saves the last completed step.")
 @click.option("--report-every", type=int, default=10, show_default=True, help="Steps between metrics lines.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --adapter-path (bit-identical).")
+@click.option("--allow-data-change", is_flag=True,
+              help="With --resume: go on when the training data differ from the checkpoint's (else refused).")
 @click.option("--test", is_flag=True, help="Report the loss on test.jsonl at the end.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
@@ -297,7 +299,8 @@ def _rerun_with_resume() -> str | None:
 @_clean_errors
 def lora(model, data, adapter_path, kind, rank, scale, dropout, num_layers, keys, adapt_embedding, iters, batch_size,
          grad_accum, learning_rate, warmup, min_lr_ratio, weight_decay, max_grad_norm, max_seq_length, mask_prompt, pack,
-         seed, grad_checkpoint, val_every, val_batches, save_every, report_every, resume, test, dtype, widen):
+         seed, grad_checkpoint, val_every, val_batches, save_every, report_every, resume, allow_data_change, test, dtype,
+         widen):
     """Fine-tune a LoRA adapter on the quantized model (base frozen, on this machine; mlx.launch for several)."""
     from .lora import TrainingError, finetune
 
@@ -311,7 +314,8 @@ def lora(model, data, adapter_path, kind, rank, scale, dropout, num_layers, keys
     log = functools.partial(click.echo, err=True)
     try:
         r = finetune(model, data, adapter_path, adapter=adapter, train_config=train_cfg, resume=resume, dtype=dtype,
-                     widen=widen, test=test, log=log, resume_command=_rerun_with_resume())
+                     widen=widen, test=test, log=log, resume_command=_rerun_with_resume(),
+                     allow_data_change=allow_data_change)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     parts = [f"{r.steps} steps", f"train loss {r.train_loss:.4f}"]

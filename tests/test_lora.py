@@ -181,6 +181,36 @@ def test_resume_is_bit_identical(qfolder, tmp_path):
         _run(qfolder, tmp_path / "half", iters=8)
 
 
+def test_resume_on_changed_data_is_refused_unless_allowed(qfolder, tmp_path):
+    from mlx_gemma_qat.lora import finetune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": f"Say {w}", "completion": f"{w} {w}"} for w in "red green blue black".split()]
+    train_file = data / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ad"
+    cfg = dict(iters=4, batch_size=2, val_every=0, save_every=0)
+
+    def run(lines=None, **kw):
+        return finetune(qfolder, data, out, adapter=dict(num_layers=1), train_config=cfg, progress=False,
+                        log=(lines.append if lines is not None else lambda *a: None), **kw)
+
+    run(stop_after=2)
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    assert len(state["data_fingerprint"]) == 64
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))  # the same records, reordered
+    with pytest.raises(TrainingError, match="training data differ from those .*step-0000002 was trained on.*"
+                                            "--allow-data-change"):
+        run(resume=True)
+    assert latest_checkpoint(out).name == "step-0000002"
+    lines = []
+    assert run(lines, resume=True, allow_data_change=True).steps == 4
+    assert any(x.startswith("Warning: the training data differ") for x in lines)
+    new = json.loads((latest_checkpoint(out) / "state.json").read_text())["data_fingerprint"]
+    assert new != state["data_fingerprint"]  # later checkpoints record the data they were trained on
+
+
 def test_interrupted_checkpoint_keeps_the_last_good_one(qfolder, tmp_path, monkeypatch):
     from mlx_gemma_qat.lora import trainer
 

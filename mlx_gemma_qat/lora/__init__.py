@@ -40,11 +40,12 @@ def datasets(data, tokenizer, train_cfg: TrainConfig, *, model=None, splits=("tr
 
 def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, train_config=None, resume: bool = False,
              dtype=None, widen=None, test: bool = False, progress: bool = True, log=print, stop_after=None,
-             resume_command: str | None = None) -> TrainResult:
+             resume_command: str | None = None, allow_data_change: bool = False) -> TrainResult:
     """Train an adapter on ``model`` (path, GGUF, repo id; None: the embedded 270M) with the JSONL data of
     ``data`` (a folder with train/valid[/test].jsonl, or a hub dataset id). ``adapter``: AdapterConfig or dict
     (kind, rank, scale, dropout, num_layers, keys, embedding); ``train_config``: TrainConfig or dict (a key that is
-    not a setting is an error). ``resume_command``: the command that resumes this run, told when it stops early."""
+    not a setting is an error). ``resume_command``: the command that resumes this run, told when it stops early.
+    ``allow_data_change``: ``resume`` on training data that differ from the checkpoint's warns instead of failing."""
     from .. import load
     from .trainer import _World
 
@@ -54,7 +55,7 @@ def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, tr
     sets = datasets(data, tok, t_cfg, model=m, rank=world.rank, world=world.size,
                     splits=("train", "valid", "test") if test else ("train", "valid"), warn=log)
     result = train(m, sets["train"], sets.get("valid"), adapter_path, a_cfg, t_cfg, resume=resume, progress=progress,
-                   log=log, stop_after=stop_after, resume_command=resume_command)
+                   log=log, stop_after=stop_after, resume_command=resume_command, allow_data_change=allow_data_change)
     if test and "test" in sets:
         result.test_loss = evaluate(m, sets["test"], -1, t_cfg)
     return result

@@ -26,6 +26,7 @@ counts it): generation stops at the marker, so that "\\n" is never produced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -355,6 +356,26 @@ def encode(records: list[dict], tokenizer, *, mask_prompt: bool = True, image_id
     return out
 
 
+def fingerprint(examples: list[Example]) -> str:
+    """sha256 (hex) of examples as the model sees them, in order: each one's token ids, target mask and image
+    sources. Taken over the tokenized form rather than the raw records, it also changes when the tokenizer or the
+    chat template does (the same JSONL would then train on other tokens). Images count by their source (path,
+    URL) only, not by the content of the file it names; an in-memory image (PIL, array) by its pixels."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.array([len(ex.tokens), len(ex.images)], np.int64).tobytes())
+        h.update(np.asarray(ex.tokens, np.int64).tobytes())
+        h.update(np.packbits(np.asarray(ex.mask, bool)).tobytes())
+        for src in ex.images:
+            if isinstance(src, (str, Path)):
+                b = str(src).encode()
+            else:
+                a = np.asarray(src)
+                b = str(a.shape).encode() + a.tobytes()
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 def _cut(ex: Example, n: int) -> Example:
@@ -389,6 +410,8 @@ class Batches:
 
     Distributed: ``batch_size`` is the global batch; rank ``r`` of ``world`` gets rows ``r::world`` of it, all
     ranks at the same width L.
+
+    ``fingerprint``: ``fingerprint(examples)``; checkpoints record it and ``--resume`` compares it.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, max_seq_length: int, *, seed: int = 0,
@@ -402,6 +425,7 @@ class Batches:
         if not examples:
             raise DataError("no examples")
         self.batch_size, self.max_seq_length, self.seed = batch_size, max_seq_length, seed
+        self.fingerprint = fingerprint(examples)  # of the examples as given (cut and dropped follow the settings)
         self.pack, self.pad_id, self.rank, self.world = pack, pad_id, rank, world
         kept, cut, dropped, longest = [], 0, 0, 0
         for ex in examples:
@@ -504,4 +528,5 @@ class Batches:
         return int(sum(sum(m[1:]) for _, m, _ in (self._row(p) for p in self._global(step))))
 
 
-__all__ = ["DataError", "Example", "read_jsonl", "record_format", "load_splits", "is_repo_id", "encode", "Batches"]
+__all__ = ["DataError", "Example", "read_jsonl", "record_format", "load_splits", "is_repo_id", "encode", "fingerprint",
+           "Batches"]

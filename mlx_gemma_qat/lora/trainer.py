@@ -260,10 +260,25 @@ def latest_checkpoint(adapter_path: Path) -> Path | None:
     return p if (p / "state.json").is_file() else None
 
 
+def _check_data(ck: Path, saved: str | None, current: str | None, allow_change: bool, log) -> None:
+    """Refuse (or, with ``allow_change``, warn) to resume on training data other than the checkpoint's (their
+    data.fingerprint; a checkpoint or a data source without one is not checked)."""
+    if saved is None or current is None or saved == current:
+        return
+    what = (f"the training data differ from those {ck} was trained on (fingerprint {current[:12]}, "
+            f"saved {saved[:12]}: records, their order, the tokenizer or the chat template changed)")
+    if not allow_change:
+        raise TrainingError(f"--resume: {what}; the batches would not continue the run. Resume on the same data, "
+                            "or pass --allow-data-change (allow_data_change=True) to go on with these")
+    if log:
+        log(f"Warning: {what}; resuming on them anyway (--allow-data-change)")
+
+
 def _resume(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, train_cfg: TrainConfig,
-            world: "_World") -> int:
+            world: "_World", data_fingerprint: str | None = None, allow_data_change: bool = False, log=None) -> int:
     """Restore adapter, optimizer state and step from the latest checkpoint. Only rank 0 needs the files (the
-    other machines of a data-parallel run get its values through the group); returns the step."""
+    other machines of a data-parallel run get its values through the group); returns the step. Training data
+    other than the checkpoint's are refused unless ``allow_data_change`` (see _check_data)."""
     step = mx.array(0)
     if world.rank == 0:
         ck = latest_checkpoint(adapter_path)
@@ -279,6 +294,7 @@ def _resume(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, tr
         if diff:
             raise TrainingError(f"--resume: {ck} was written with different settings ({', '.join(diff)}); "
                                 "resume with the same ones (only reporting, validation and save intervals may change)")
+        _check_data(ck, state.get("data_fingerprint"), data_fingerprint, allow_data_change, log)
         set_adapter_weights(model, mx.load(str(ck / "adapters.safetensors")), ck)
         optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
         step = mx.array(int(state["step"]))
@@ -408,7 +424,7 @@ def _stop_message(e: BaseException, adapter_path: Path, completed: int, saved: i
 
 def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig, train_cfg: TrainConfig, *,
           resume: bool = False, progress: bool = True, log=print, stop_after: int | None = None,
-          resume_command: str | None = None) -> TrainResult:
+          resume_command: str | None = None, allow_data_change: bool = False) -> TrainResult:
     """Train adapters on ``model`` (loaded by model/load.py) from ``data.Batches`` of the train and validation
     sets (built with this run's batch size, seed and rank). Writes the adapter, metrics and checkpoints under
     ``adapter_path``. ``stop_after``: stop (as if interrupted) after that many steps of this call.
@@ -416,7 +432,10 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     No lost work: Ctrl-C (see ``_CtrlC``) or an error during the steps saves the last completed step as a
     checkpoint (unless it is saved already; rank 0 alone, with no collective, so it cannot wait on a rank that
     is gone), logs how to continue (``resume_command``: the exact command, when the caller knows it) and raises.
-    A step whose loss or gradients are not finite is not applied (NonFiniteError)."""
+    A step whose loss or gradients are not finite is not applied (NonFiniteError).
+
+    Checkpoints record ``train_set.fingerprint`` (data.Batches has one); ``resume`` refuses other training data
+    unless ``allow_data_change`` (then it warns)."""
     from tqdm import tqdm
 
     if train_cfg.grad_checkpoint and adapter_cfg.dropout > 0:
@@ -433,9 +452,11 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     opt.init(text_model(model).trainable_parameters())
     metrics_file = adapter_path / METRICS_FILE
     metrics: list[dict] = []
+    data_fingerprint = getattr(train_set, "fingerprint", None)
     start = 0
     if resume:
-        start = _resume(adapter_path, model, opt, adapter_cfg, train_cfg, world)
+        start = _resume(adapter_path, model, opt, adapter_cfg, train_cfg, world, data_fingerprint, allow_data_change,
+                        log if main else None)
         if metrics_file.is_file():
             metrics = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start]
     elif main and latest_checkpoint(adapter_path) is not None:
@@ -481,7 +502,8 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
 
     def save(c: _Completed) -> None:
         if main:
-            save_checkpoint(adapter_path, c.step, model, opt, adapter_cfg, train_cfg, {"trained_tokens": c.trained_tokens})
+            save_checkpoint(adapter_path, c.step, model, opt, adapter_cfg, train_cfg,
+                            {"trained_tokens": c.trained_tokens, "data_fingerprint": data_fingerprint})
         saved[0] = c.step
 
     try:
