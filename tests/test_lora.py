@@ -524,6 +524,77 @@ def test_training_on_chat_records_with_images_keeps_the_vision_tower_frozen(vlm,
     assert len(adapter_layers(trained)) == 14
 
 
+def _chat_with_images(folder: Path, images: list) -> Path:
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": str(i)},
+                                                       {"type": "text", "text": "What is this?"}]},
+                          {"role": "assistant", "content": f"A picture called {Path(i).name}."}]} for i in images]
+    rows += [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}] * 2
+    folder.mkdir(exist_ok=True)
+    for name in ("train", "valid"):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_bad_images_are_errors_naming_file_and_line_before_step_1(vlm, tmp_path):
+    import struct
+    import zlib
+
+    from mlx_gemma_qat.lora import finetune
+    from mlx_gemma_qat.lora.data import DataError
+
+    folder = vlm[0]
+    good = Path(__file__).parent / "fixtures" / "images" / "a.png"
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    ihdr = struct.pack(">IIBBBBB", 8000, 8000, 8, 2, 0, 0, 0)  # a 64 MP header, no pixels
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    for bad, why in (("junk.png", "not a readable image"), ("gone.png", "no such image file"),
+                     ("huge.png", "8000x8000 pixels is more than")):
+        data = _chat_with_images(tmp_path / "data", [good, tmp_path / bad])
+        with pytest.raises(DataError, match=rf"train\.jsonl:2: .*{bad}: {why}"):
+            finetune(folder, data, tmp_path / "ad", adapter=dict(num_layers=1),
+                     train_config=dict(iters=2, batch_size=2, val_every=0), progress=False, log=lambda *a: None)
+        assert not (tmp_path / "ad").exists()  # refused before anything was written
+
+
+def test_each_image_is_decoded_once_per_run(vlm, tmp_path, monkeypatch):
+    """Checking, training steps (two epochs) and validations all use the run's cache: one decode per image."""
+    import collections
+
+    from mlx_gemma_qat import image
+    from mlx_gemma_qat.lora import finetune
+
+    opened = collections.Counter()
+    real = image.open_image
+
+    def counting(src):
+        opened[str(src)] += 1
+        return real(src)
+
+    monkeypatch.setattr(image, "open_image", counting)
+    imgs = Path(__file__).parent / "fixtures" / "images"
+    data = _chat_with_images(tmp_path / "data", [imgs / "a.png", imgs / "b.jpg"])
+    finetune(vlm[0], data, tmp_path / "ad", adapter=dict(kind="lora", num_layers=1),
+             train_config=dict(iters=4, batch_size=2, val_every=1, save_every=0), progress=False, log=lambda *a: None)
+    assert opened == {str(imgs / "a.png"): 1, str(imgs / "b.jpg"): 1}
+
+
+def test_image_cache_is_bounded_by_bytes_least_recently_used_out():
+    from mlx_gemma_qat.image import preprocess
+    from mlx_gemma_qat.lora.images import ImageCache
+
+    a, b, c = (str(Path(__file__).parent / "fixtures" / "images" / f) for f in ("a.png", "b.jpg", "wide.png"))
+    cache = ImageCache(8, max_bytes=2 * 3 * 8 * 8 * 4)  # room for two 8x8 images
+    assert np.array_equal(cache.pixels([a, b])[1], preprocess(b, 8)) and cache.decoded == 2
+    cache.pixels([a])  # a is now the most recent: c pushes b out
+    cache.pixels([c])
+    assert cache.nbytes <= cache.max_bytes and cache.decoded == 3
+    cache.pixels([a, c])
+    assert cache.decoded == 3
+    cache.pixels([b])
+    assert cache.decoded == 4
+
+
 def test_cli_fuse_exports_a_gguf_from_a_gguf_model(tmp_path):
     """QAT layout (F16 embedding, Q4_0 linears) from a GGUF: train, fuse --gguf: the changed layers are Q4_1 and
     equal the fused folder (gguf-py's own dequantizer); the rest is copied bit for bit."""

@@ -53,6 +53,7 @@ class Example:
     # (start, end) token ranges of each image's soft tokens (set by ``encode``; used to cut a sequence
     # only between images, never inside one)
     image_runs: list = field(default=())
+    origin: str = ""  # "file:line" of its record (set by ``encode``), for errors found later (an unreadable image)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -352,7 +353,7 @@ def encode(records: list[dict], tokenizer, *, mask_prompt: bool = True, image_id
                 mask[a:b] = [False] * (b - a)
             if len(runs) != len(images):
                 raise DataError(f"{where}: {len(runs)} image token runs for {len(images)} image(s)")
-        out.append(Example(tokens, mask, list(images), runs))
+        out.append(Example(tokens, mask, list(images), runs, where))
     return out
 
 
@@ -387,7 +388,7 @@ def _cut(ex: Example, n: int) -> Example:
             n = max(a - 1, 0) if a < n else n  # cut before its <start_of_image>
             keep = i
             break
-    return Example(ex.tokens[:n], ex.mask[:n], list(ex.images[:keep]), list(ex.image_runs[:keep]))
+    return Example(ex.tokens[:n], ex.mask[:n], list(ex.images[:keep]), list(ex.image_runs[:keep]), ex.origin)
 
 
 class Batches:

@@ -33,6 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..atomic import atomic_dir, write_text
+from ..generate import image_token_ids
 from .adapters import (AdapterConfig, AdapterError, adapter_layers, adapter_weights, apply_adapters, check_identity, save_adapters,
                        save_json, save_safetensors, set_adapter_weights, text_model)
 from .settings import from_dict
@@ -103,18 +104,22 @@ def _checkpointed(module: nn.Module, fn):
     return lambda *args: ck(module.trainable_parameters(), *args)
 
 
-def _hidden(model, inputs: mx.array, images: list | None, grad_checkpoint: bool) -> mx.array:
-    """Final hidden states of a batch (a batch with images goes through the vision tower, frozen)."""
+def _hidden(model, inputs: mx.array, images: list | None, grad_checkpoint: bool, pixels=None) -> mx.array:
+    """Final hidden states of a batch (a batch with images goes through the vision tower, frozen). ``pixels``:
+    image sources -> preprocessed pixels (images.ImageCache.pixels; default: decode them now)."""
     text = text_model(model)
     inner = text.model
     groups = None
     if images and any(images):
         if inputs.shape[0] != 1:
             raise ValueError("rows with images are run one at a time")
-        from ..image import preprocess_all
+        if pixels is None:
+            from ..image import preprocess_all
 
-        pixels, _ = preprocess_all(list(images[0]), model.mcfg.vision.image_size)
-        h, groups = model.embed_prompt(np.array(inputs[0]), mx.array(pixels))  # the tower has no trainable part
+            px, _ = preprocess_all(list(images[0]), model.mcfg.vision.image_size)
+        else:
+            px = pixels(list(images[0]))
+        h, groups = model.embed_prompt(np.array(inputs[0]), mx.array(px))  # the tower has no trainable part
     else:
         h = inner.embed(inputs)
     masks = inner._masks(h.shape[1], None, groups)
@@ -134,18 +139,18 @@ def _chunk_nll(text, h: mx.array, targets: mx.array, weights: mx.array) -> mx.ar
     return (nll * weights).sum()
 
 
-def batch_loss(model, inputs, targets, weights, images=None, *, grad_checkpoint=False, chunk=128):
+def batch_loss(model, inputs, targets, weights, images=None, *, grad_checkpoint=False, chunk=128, pixels=None):
     """(summed cross-entropy over target tokens, number of target tokens) of one batch.
 
     The head runs only at positions that are targets (weight > 0): prompt tokens under --mask-prompt and padding
     cost no logits. With ``grad_checkpoint`` each chunk of the head is recomputed in the backward pass too, so
-    one chunk's logits are alive at a time (less memory, one more head pass)."""
+    one chunk's logits are alive at a time (less memory, one more head pass). ``pixels``: see ``_hidden``."""
     text = text_model(model)
     if images and any(images) and inputs.shape[0] > 1:
         parts = [batch_loss(model, inputs[i:i + 1], targets[i:i + 1], weights[i:i + 1], [images[i]],
-                            grad_checkpoint=grad_checkpoint, chunk=chunk) for i in range(inputs.shape[0])]
+                            grad_checkpoint=grad_checkpoint, chunk=chunk, pixels=pixels) for i in range(inputs.shape[0])]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
-    h = _hidden(model, inputs, images, grad_checkpoint)
+    h = _hidden(model, inputs, images, grad_checkpoint, pixels)
     w = np.array(weights).reshape(-1)
     keep = mx.array(np.nonzero(w != 0)[0].astype(np.uint32))
     h = h.reshape(-1, h.shape[-1])[keep]
@@ -188,15 +193,17 @@ def _to_arrays(batch):
     return mx.array(inputs), mx.array(targets), mx.array(weights), images
 
 
-def evaluate(model, batches, n: int, cfg: TrainConfig, world: _World | None = None) -> float:
-    """Mean cross-entropy per target token over the first ``n`` batches (-1: all) of ``batches``."""
+def evaluate(model, batches, n: int, cfg: TrainConfig, world: _World | None = None, image_cache=None) -> float:
+    """Mean cross-entropy per target token over the first ``n`` batches (-1: all) of ``batches``. ``image_cache``:
+    the run's images.ImageCache (default: decode each image when it is used)."""
     world = world or _World()
     n = len(batches) if n < 0 else min(n, len(batches))
     total, count = mx.array(0.0), mx.array(0.0)
     was_training = model.training
     model.eval()
     for k in range(n):
-        s, c = batch_loss(model, *_to_arrays(batches.batch(k)), chunk=cfg.loss_chunk)
+        s, c = batch_loss(model, *_to_arrays(batches.batch(k)), chunk=cfg.loss_chunk,
+                          pixels=image_cache.pixels if image_cache is not None else None)
         total, count = total + s, count + c
         mx.eval(total, count)
     total, count = world.sum((total, count))
@@ -424,7 +431,7 @@ def _stop_message(e: BaseException, adapter_path: Path, completed: int, saved: i
 
 def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig, train_cfg: TrainConfig, *,
           resume: bool = False, progress: bool = True, log=print, stop_after: int | None = None,
-          resume_command: str | None = None, allow_data_change: bool = False) -> TrainResult:
+          resume_command: str | None = None, allow_data_change: bool = False, image_cache=None) -> TrainResult:
     """Train adapters on ``model`` (loaded by model/load.py) from ``data.Batches`` of the train and validation
     sets (built with this run's batch size, seed and rank). Writes the adapter, metrics and checkpoints under
     ``adapter_path``. ``stop_after``: stop (as if interrupted) after that many steps of this call.
@@ -435,7 +442,10 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     A step whose loss or gradients are not finite is not applied (NonFiniteError).
 
     Checkpoints record ``train_set.fingerprint`` (data.Batches has one); ``resume`` refuses other training data
-    unless ``allow_data_change`` (then it warns)."""
+    unless ``allow_data_change`` (then it warns).
+
+    ``image_cache``: an images.ImageCache (``finetune`` passes the one that checked the data); a model with a vision
+    tower gets a new one otherwise, so an image is decoded once per run, not at each use."""
     from tqdm import tqdm
 
     if train_cfg.grad_checkpoint and adapter_cfg.dropout > 0:
@@ -447,6 +457,10 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     if not adapter_layers(model):
         mx.random.seed(train_cfg.seed)  # the adapters' initial values: the same on every rank and every run
         adapter_cfg = apply_adapters(model, adapter_cfg, warn=log if main else None)
+    if image_cache is None and image_token_ids(model) is not None:
+        from .images import ImageCache
+
+        image_cache = ImageCache(model.mcfg.vision.image_size)
     model.train()
     opt = optim.AdamW(learning_rate=schedule(train_cfg), weight_decay=train_cfg.weight_decay)
     opt.init(text_model(model).trainable_parameters())
@@ -466,7 +480,8 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
         adapter_path.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
-    loss_and_grad = nn.value_and_grad(text_model(model), lambda *a, **k: batch_loss(model, *a, **k))
+    pixels = image_cache.pixels if image_cache is not None else None
+    loss_and_grad = nn.value_and_grad(text_model(model), lambda *a, **k: batch_loss(model, *a, pixels=pixels, **k))
 
     def log_metric(m):
         metrics.append(m)
@@ -480,7 +495,7 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
         if valid_set is None:
             return None
         t = time.perf_counter()
-        v = evaluate(model, valid_set, train_cfg.val_batches, train_cfg, world)
+        v = evaluate(model, valid_set, train_cfg.val_batches, train_cfg, world, image_cache)
         log_metric({"step": step, "val_loss": v})
         paused[0] += time.perf_counter() - t
         return v
