@@ -302,7 +302,7 @@ def lora(model, data, adapter_path, kind, rank, scale, dropout, num_layers, keys
          seed, grad_checkpoint, val_every, val_batches, save_every, report_every, resume, allow_data_change, test, dtype,
          widen):
     """Fine-tune a LoRA adapter on the quantized model (base frozen, on this machine; mlx.launch for several)."""
-    from .lora import TrainingError, finetune
+    from .lora import PeerFailed, TrainingError, finetune
 
     adapter = dict(kind=kind, rank=rank, scale=scale, dropout=dropout, num_layers=num_layers,
                    keys=[k.strip() for k in keys.split(",") if k.strip()] if keys else None, embedding=adapt_embedding)
@@ -316,7 +316,7 @@ def lora(model, data, adapter_path, kind, rank, scale, dropout, num_layers, keys
         r = finetune(model, data, adapter_path, adapter=adapter, train_config=train_cfg, resume=resume, dtype=dtype,
                      widen=widen, test=test, log=log, resume_command=_rerun_with_resume(),
                      allow_data_change=allow_data_change)
-    except TrainingError as e:
+    except (TrainingError, PeerFailed) as e:
         raise click.ClickException(str(e)) from None
     parts = [f"{r.steps} steps", f"train loss {r.train_loss:.4f}"]
     if r.val_loss is not None:

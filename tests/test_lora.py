@@ -181,6 +181,17 @@ def test_resume_is_bit_identical(qfolder, tmp_path):
         _run(qfolder, tmp_path / "half", iters=8)
 
 
+def test_resume_after_a_kill_mid_metrics_line(qfolder, tmp_path):
+    """A run killed while appending to metrics.jsonl leaves half a line: resuming skips it (it crashed)."""
+    _run(qfolder, tmp_path / "k", iters=8, stop_after=4)
+    with open(tmp_path / "k" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "train_lo')
+    _, r = _run(qfolder, tmp_path / "k", iters=8, resume=True)
+    assert r.steps == 8
+    lines = (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "train_loss" in x] == [2, 4, 6, 8]
+
+
 def test_resume_on_changed_data_is_refused_unless_allowed(qfolder, tmp_path):
     from mlx_gemma_qat.lora import finetune
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .adapters import AdapterConfig, AdapterError, apply_adapters, load_adapters, save_adapters
 from .layers import KINDS
 from .trainer import NonFiniteError, TrainConfig, TrainingError, TrainResult, evaluate, train
+from .world import PeerFailed
 
 
 def _config(cls, value):
@@ -52,22 +53,24 @@ def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, tr
     from .. import load
     from ..generate import image_token_ids
     from .images import ImageCache
-    from .trainer import _World
+    from .world import World
 
     a_cfg, t_cfg = _config(AdapterConfig, adapter), _config(TrainConfig, train_config)
-    m, tok = load(model, dtype=dtype, widen=widen)
-    world = _World()
+    world = World()
+    with world.together("loading the model"):  # each machine loads its own copy (see world.py)
+        m, tok = load(model, dtype=dtype, widen=widen)
     images = ImageCache(m.mcfg.vision.image_size) if image_token_ids(m) is not None else None
-    sets = datasets(data, tok, t_cfg, model=m, rank=world.rank, world=world.size,
-                    splits=("train", "valid", "test") if test else ("train", "valid"), warn=log,
-                    image_cache=images)
+    with world.together("reading the data"):
+        sets = datasets(data, tok, t_cfg, model=m, rank=world.rank, world=world.size,
+                        splits=("train", "valid", "test") if test else ("train", "valid"),
+                        warn=log if world.rank == 0 else (lambda *_: None), image_cache=images)
     result = train(m, sets["train"], sets.get("valid"), adapter_path, a_cfg, t_cfg, resume=resume, progress=progress,
                    log=log, stop_after=stop_after, resume_command=resume_command, allow_data_change=allow_data_change,
                    image_cache=images)
     if test and "test" in sets:
-        result.test_loss = evaluate(m, sets["test"], -1, t_cfg, image_cache=images)
+        result.test_loss = evaluate(m, sets["test"], -1, t_cfg, world, image_cache=images)
     return result
 
 
-__all__ = ["AdapterConfig", "AdapterError", "TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "KINDS", "finetune",
+__all__ = ["AdapterConfig", "AdapterError", "TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "PeerFailed", "KINDS", "finetune",
            "datasets", "train", "evaluate", "apply_adapters", "load_adapters", "save_adapters"]

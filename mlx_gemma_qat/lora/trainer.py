@@ -1,5 +1,6 @@
 """LoRA training on the frozen quantized model: AdamW, warmup + cosine schedule, gradient accumulation,
-gradient checkpointing, validation, checkpoints that resume bit for bit, data parallelism over mx.distributed.
+gradient checkpointing, validation, checkpoints that resume bit for bit, data parallelism over mx.distributed
+(world.py: a failure or a Ctrl-C on one rank stops every rank at the same point).
 
 Loss: the cross-entropy *summed* over target tokens, divided by the number of target tokens of the whole
 step (every micro-batch of the accumulation, every rank). So accumulating A micro-batches, or splitting a
@@ -37,6 +38,7 @@ from ..generate import image_token_ids
 from .adapters import (AdapterConfig, AdapterError, adapter_layers, adapter_weights, apply_adapters, check_identity, save_adapters,
                        save_json, save_safetensors, set_adapter_weights, text_model)
 from .settings import from_dict
+from .world import World
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss-curve.png"
 CHECKPOINTS, LATEST = "checkpoints", "latest"
@@ -167,48 +169,35 @@ def batch_loss(model, inputs, targets, weights, images=None, *, grad_checkpoint=
     return total, weights.sum()
 
 
-class _World:
-    """The data-parallel group (one process when mlx.launch did not start this one)."""
-
-    def __init__(self):
-        self.group = mx.distributed.init() if mx.distributed.is_available() else None
-        self.size = self.group.size() if self.group is not None else 1
-        self.rank = self.group.rank() if self.group is not None else 0
-
-    def sum(self, tree):
-        if self.size == 1:
-            return tree
-        return tree_map(lambda x: mx.distributed.all_sum(x, group=self.group), tree)
-
-    def broadcast(self, tree):
-        """Rank 0's values on every rank (the others contribute zeros to a sum). Every rank must hold the same
-        names and shapes; they are sent in sorted name order (a tree read from a file may be ordered otherwise)."""
-        flat = sorted(tree_flatten(tree), key=lambda kv: kv[0])
-        flat = [(k, v if self.rank == 0 else mx.zeros_like(v)) for k, v in flat]
-        return tree_unflatten([(k, mx.distributed.all_sum(v, group=self.group)) for k, v in flat])
-
-
 def _to_arrays(batch):
     inputs, targets, weights, images = batch
     return mx.array(inputs), mx.array(targets), mx.array(weights), images
 
 
-def evaluate(model, batches, n: int, cfg: TrainConfig, world: _World | None = None, image_cache=None) -> float:
+def evaluate(model, batches, n: int, cfg: TrainConfig, world: World | None = None, image_cache=None) -> float:
     """Mean cross-entropy per target token over the first ``n`` batches (-1: all) of ``batches``. ``image_cache``:
     the run's images.ImageCache (default: decode each image when it is used)."""
-    world = world or _World()
+    world = world or World()
     n = len(batches) if n < 0 else min(n, len(batches))
     total, count = mx.array(0.0), mx.array(0.0)
     was_training = model.training
     model.eval()
-    for k in range(n):
-        s, c = batch_loss(model, *_to_arrays(batches.batch(k)), chunk=cfg.loss_chunk,
-                          pixels=image_cache.pixels if image_cache is not None else None)
-        total, count = total + s, count + c
-        mx.eval(total, count)
-    total, count = world.sum((total, count))
-    if was_training:
-        model.train()
+    error = None
+    try:
+        for k in range(n):
+            s, c = batch_loss(model, *_to_arrays(batches.batch(k)), chunk=cfg.loss_chunk,
+                              pixels=image_cache.pixels if image_cache is not None else None)
+            total, count = total + s, count + c
+            mx.eval(total, count)
+    except BaseException as e:  # noqa: BLE001 - the other ranks learn of it in the sum below
+        if world.size == 1:
+            raise
+        error, total, count = e, mx.array(0.0), mx.array(0.0)
+    finally:
+        if was_training:
+            model.train()
+    total, count, failed = world.sum((total, count, world.flags(error)))
+    world.check(error, failed, "validating")
     return float(total.item() / max(count.item(), 1.0))
 
 
@@ -281,36 +270,63 @@ def _check_data(ck: Path, saved: str | None, current: str | None, allow_change: 
         log(f"Warning: {what}; resuming on them anyway (--allow-data-change)")
 
 
-def _resume(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, train_cfg: TrainConfig,
-            world: "_World", data_fingerprint: str | None = None, allow_data_change: bool = False, log=None) -> int:
-    """Restore adapter, optimizer state and step from the latest checkpoint. Only rank 0 needs the files (the
-    other machines of a data-parallel run get its values through the group); returns the step. Training data
-    other than the checkpoint's are refused unless ``allow_data_change`` (see _check_data)."""
-    step = mx.array(0)
-    if world.rank == 0:
-        ck = latest_checkpoint(adapter_path)
-        if ck is None:
-            raise TrainingError(f"--resume: no checkpoint in {_checkpoint_dir(adapter_path)}")
-        state = json.loads((ck / "state.json").read_text())
-        saved_adapter = AdapterConfig.from_dict(state["adapter"])
-        check_identity(model, saved_adapter, ck)
-        mine, theirs = asdict(adapter_cfg), asdict(saved_adapter)
-        diff = [k for k in mine if k not in ("layers", "base_model") and mine[k] != theirs.get(k)]
-        t_mine, t_theirs = asdict(train_cfg), state["train"]
-        diff += [k for k in t_mine if k not in TrainConfig._FREE and t_mine[k] != t_theirs.get(k)]
-        if diff:
-            raise TrainingError(f"--resume: {ck} was written with different settings ({', '.join(diff)}); "
-                                "resume with the same ones (only reporting, validation and save intervals may change)")
-        _check_data(ck, state.get("data_fingerprint"), data_fingerprint, allow_data_change, log)
-        set_adapter_weights(model, mx.load(str(ck / "adapters.safetensors")), ck)
-        optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
-        step = mx.array(int(state["step"]))
-    if world.size > 1:
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """The metrics lines of ``path`` up to step ``upto`` (none when it is absent); a line cut short by a killed
+    run is skipped (the file is rewritten from these lines when training goes on)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= upto:
+            out.append(m)
+    return out
+
+
+def _load_checkpoint(adapter_path: Path, model, optimizer, adapter_cfg: AdapterConfig, train_cfg: TrainConfig,
+                     data_fingerprint: str | None, allow_data_change: bool, log) -> int:
+    """Restore adapter, optimizer state and step from the latest checkpoint (rank 0: the other machines of a
+    data-parallel run get its values through the group, ``_share``); returns the step. Training data other than
+    the checkpoint's are refused unless ``allow_data_change`` (see _check_data)."""
+    ck = latest_checkpoint(adapter_path)
+    if ck is None:
+        raise TrainingError(f"--resume: no checkpoint in {_checkpoint_dir(adapter_path)}")
+    state = json.loads((ck / "state.json").read_text())
+    saved_adapter = AdapterConfig.from_dict(state["adapter"])
+    check_identity(model, saved_adapter, ck)
+    mine, theirs = asdict(adapter_cfg), asdict(saved_adapter)
+    diff = [k for k in mine if k not in ("layers", "base_model") and mine[k] != theirs.get(k)]
+    t_mine, t_theirs = asdict(train_cfg), state["train"]
+    diff += [k for k in t_mine if k not in TrainConfig._FREE and t_mine[k] != t_theirs.get(k)]
+    if diff:
+        raise TrainingError(f"--resume: {ck} was written with different settings ({', '.join(diff)}); "
+                            "resume with the same ones (only reporting, validation and save intervals may change)")
+    _check_data(ck, state.get("data_fingerprint"), data_fingerprint, allow_data_change, log)
+    set_adapter_weights(model, mx.load(str(ck / "adapters.safetensors")), ck)
+    optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
+    return int(state["step"])
+
+
+def _share(world: World, model, optimizer, step: int, resumed: bool, data_fingerprint: str | None) -> int:
+    """Data-parallel: rank 0's resumed adapter, optimizer state and step on every rank (returns the step), and
+    every rank's training data checked against rank 0's (a machine with other files would train on other
+    batches than the ones the run is made of)."""
+    if resumed:
         text = text_model(model)
         text.update(world.broadcast(text.trainable_parameters()))
         optimizer.state = world.broadcast(optimizer.state)
-        step = world.broadcast(step)
-    return int(step.item())
+        step = int(world.broadcast(mx.array(step)).item())
+    if data_fingerprint is not None:
+        mine = mx.array(np.frombuffer(bytes.fromhex(data_fingerprint), np.uint8).astype(np.int32))
+        theirs = bytes(np.array(world.broadcast(mine)).astype(np.uint8)).hex()
+        with world.together("comparing the ranks' training data"):
+            if theirs != data_fingerprint:
+                raise TrainingError(f"rank {world.rank}'s training data differ from rank 0's (fingerprint "
+                                    f"{data_fingerprint[:12]}, rank 0 {theirs[:12]}): every machine needs the same data")
+    return step
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -451,34 +467,38 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     if train_cfg.grad_checkpoint and adapter_cfg.dropout > 0:
         raise TrainingError("dropout with gradient checkpointing is not supported: the recomputed pass would draw "
                             "another dropout mask than the forward pass (use one or the other)")
-    world = _World()
+    world = World()
     main = world.rank == 0
     adapter_path = Path(adapter_path)
-    if not adapter_layers(model):
-        mx.random.seed(train_cfg.seed)  # the adapters' initial values: the same on every rank and every run
-        adapter_cfg = apply_adapters(model, adapter_cfg, warn=log if main else None)
-    if image_cache is None and image_token_ids(model) is not None:
-        from .images import ImageCache
-
-        image_cache = ImageCache(model.mcfg.vision.image_size)
-    model.train()
-    opt = optim.AdamW(learning_rate=schedule(train_cfg), weight_decay=train_cfg.weight_decay)
-    opt.init(text_model(model).trainable_parameters())
     metrics_file = adapter_path / METRICS_FILE
     metrics: list[dict] = []
     data_fingerprint = getattr(train_set, "fingerprint", None)
     start = 0
-    if resume:
-        start = _resume(adapter_path, model, opt, adapter_cfg, train_cfg, world, data_fingerprint, allow_data_change,
-                        log if main else None)
-        if metrics_file.is_file():
-            metrics = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start]
-    elif main and latest_checkpoint(adapter_path) is not None:
-        raise TrainingError(f"{adapter_path} holds checkpoints of an earlier run: pass --resume to continue it, "
-                            "or choose another --adapter-path")
-    if main:
-        adapter_path.mkdir(parents=True, exist_ok=True)
-        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    with world.together("preparing the run"):  # adapters, --adapter-path, --resume
+        if not adapter_layers(model):
+            mx.random.seed(train_cfg.seed)  # the adapters' initial values: the same on every rank and every run
+            adapter_cfg = apply_adapters(model, adapter_cfg, warn=log if main else None)
+        if image_cache is None and image_token_ids(model) is not None:
+            from .images import ImageCache
+
+            image_cache = ImageCache(model.mcfg.vision.image_size)
+        model.train()
+        opt = optim.AdamW(learning_rate=schedule(train_cfg), weight_decay=train_cfg.weight_decay)
+        opt.init(text_model(model).trainable_parameters())
+        if main:
+            if resume:
+                start = _load_checkpoint(adapter_path, model, opt, adapter_cfg, train_cfg, data_fingerprint,
+                                         allow_data_change, log)
+            elif latest_checkpoint(adapter_path) is not None:
+                raise TrainingError(f"{adapter_path} holds checkpoints of an earlier run: pass --resume to continue "
+                                    "it, or choose another --adapter-path")
+            metrics = _read_metrics(metrics_file, start) if resume else []
+            adapter_path.mkdir(parents=True, exist_ok=True)
+            write_text(metrics_file, "".join(json.dumps(m) + "\n" for m in metrics))
+    if world.size > 1:
+        start = _share(world, model, opt, start, resume, data_fingerprint)
+        if not main and resume:
+            metrics = _read_metrics(metrics_file, start)  # where the machine shares rank 0's folder (else none)
 
     pixels = image_cache.pixels if image_cache is not None else None
     loss_and_grad = nn.value_and_grad(text_model(model), lambda *a, **k: batch_loss(model, *a, pixels=pixels, **k))
@@ -492,12 +512,14 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     paused = [0.0]  # seconds spent validating inside the loop (not training time)
 
     def validate(step):
+        """The validation loss (every rank), recorded (rank 0) together with the others' agreement."""
         if valid_set is None:
             return None
         t = time.perf_counter()
         v = evaluate(model, valid_set, train_cfg.val_batches, train_cfg, world, image_cache)
-        log_metric({"step": step, "val_loss": v})
         paused[0] += time.perf_counter() - t
+        with world.together(f"recording the validation loss of step {step}"):
+            log_metric({"step": step, "val_loss": v})
         return v
 
     first_val = None
@@ -525,19 +547,29 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
         with _CtrlC(say=main) as ctrl_c:
             for step in range(start, end):
                 mx.random.seed(train_cfg.seed * 1_000_003 + step * 7919 + world.rank)
-                grads, lsum, ntok = None, mx.array(0.0), mx.array(0.0)
-                for micro in range(train_cfg.grad_accum):
-                    inputs, targets, weights, images = _to_arrays(train_set.batch(step * train_cfg.grad_accum + micro))
-                    (s, n), g = loss_and_grad(inputs, targets, weights, images,
-                                              grad_checkpoint=train_cfg.grad_checkpoint, chunk=train_cfg.loss_chunk)
-                    grads = g if grads is None else tree_map(mx.add, grads, g)
-                    lsum, ntok = lsum + s, ntok + n
-                    mx.eval(grads, lsum, ntok)
-                grads, lsum, ntok, halt = world.sum((grads, lsum, ntok, mx.array(float(ctrl_c.requested))))
+                grads, lsum, ntok, error = None, mx.array(0.0), mx.array(0.0), None
+                try:
+                    for micro in range(train_cfg.grad_accum):
+                        inputs, targets, weights, images = _to_arrays(train_set.batch(step * train_cfg.grad_accum + micro))
+                        (s, n), g = loss_and_grad(inputs, targets, weights, images,
+                                                  grad_checkpoint=train_cfg.grad_checkpoint, chunk=train_cfg.loss_chunk)
+                        grads = g if grads is None else tree_map(mx.add, grads, g)
+                        lsum, ntok = lsum + s, ntok + n
+                        mx.eval(grads, lsum, ntok)
+                except BaseException as e:  # noqa: BLE001 - the other ranks learn of it in the sum below
+                    if world.size == 1:
+                        raise
+                    error, lsum, ntok = e, mx.array(0.0), mx.array(0.0)
+                    grads = tree_map(mx.zeros_like, text_model(model).trainable_parameters())
+                # one collective per step: gradients, loss, tokens, a Ctrl-C on any rank, a failure on any rank
+                grads, lsum, ntok, halt, failed = world.sum((grads, lsum, ntok, mx.array(float(ctrl_c.requested)),
+                                                             world.flags(error)))
+                world.check(error, failed, f"computing step {step + 1}")
                 count = max(ntok.item(), 1.0)
                 loss = lsum.item() / count
                 problem = _not_finite(loss, grads)
                 if problem:
+                    world.stopped_together = True
                     raise NonFiniteError(f"{problem} at step {step + 1}; nothing of that step was applied")
                 grads = tree_map(lambda x: x / count, grads)
                 if train_cfg.max_grad_norm > 0:
@@ -550,13 +582,16 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
                 done = step + 1
                 completed = _Completed.of(done, model, opt, trained_tokens)
                 bar.update(1)
+                # rank 0 writes files: each write is agreed on (at steps every rank knows), so that a failure
+                # stops every rank instead of leaving them waiting in the next step's sum
                 if done % max(train_cfg.report_every, 1) == 0 or done == end:
                     dt = time.perf_counter() - t0 - paused[0]
                     last_train = window_loss / max(window_n, 1.0)
                     m = {"step": done, "train_loss": last_train, "learning_rate": float(opt.learning_rate.item()),
                          "tokens_per_s": tokens / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
                          "trained_tokens": trained_tokens}
-                    log_metric(m)
+                    with world.together(f"recording the metrics of step {done}"):
+                        log_metric(m)
                     bar.set_postfix(loss=f"{last_train:.3f}", tok_s=f"{m['tokens_per_s']:.1f}",
                                     peak=f"{m['peak_memory_gb']:.2f}GB", refresh=False)
                     window_loss, window_n = 0.0, 0.0
@@ -566,8 +601,10 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
                         bar.write(f"step {done}: validation loss {val:.4f}")
                 every = train_cfg.checkpoint_every
                 if (every and done % every == 0) or done == end:
-                    save(completed)
+                    with world.together(f"saving step {done}"):
+                        save(completed)
                 if halt.item() > 0 and done < end:
+                    world.stopped_together = True
                     raise KeyboardInterrupt
     except BaseException as e:
         bar.close()
@@ -578,6 +615,8 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
             except Exception as failed:  # noqa: BLE001 - say so, and raise the error that stopped the run
                 if main and log:
                     log(f"Could not save step {completed.step}: {type(failed).__name__}: {failed}")
+        if world.stopped_together:  # every rank is here: the others wait for rank 0's save before they exit
+            world.barrier()          # (mlx.launch stops all ranks as soon as one exits with an error)
         if isinstance(e, NonFiniteError):
             kept = completed.step if saved[0] == completed.step and completed.step > 0 else None
             raise NonFiniteError(f"{e}. " + _diverged_advice(adapter_path, kept)) from None
@@ -588,10 +627,11 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
     elapsed = time.perf_counter() - t0 - paused[0]
     if end == train_cfg.iters:
         val = validate(train_cfg.iters)
-        if main:
-            save_adapters(model, adapter_cfg, adapter_path)
-            if _write_plot(adapter_path, metrics) is None and log:
-                log(f"({PLOT_FILE} not drawn: matplotlib is not installed; pip install 'mlx-gemma-qat[plot]')")
+        with world.together("saving the adapter"):
+            if main:
+                save_adapters(model, adapter_cfg, adapter_path)
+                if _write_plot(adapter_path, metrics) is None and log:
+                    log(f"({PLOT_FILE} not drawn: matplotlib is not installed; pip install 'mlx-gemma-qat[plot]')")
     model.eval()
     return TrainResult(steps=end, train_loss=last_train, val_loss=val, first_val_loss=first_val,
                        tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
