@@ -72,5 +72,5 @@ def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, tr
     return result
 
 
-__all__ = ["AdapterConfig", "AdapterError", "TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "PeerFailed", "KINDS", "finetune",
-           "datasets", "train", "evaluate", "apply_adapters", "load_adapters", "save_adapters"]
+__all__ = ["AdapterConfig", "AdapterError", "TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "PeerFailed",
+           "KINDS", "finetune", "datasets", "train", "evaluate", "apply_adapters", "load_adapters", "save_adapters"]

@@ -150,7 +150,8 @@ def batch_loss(model, inputs, targets, weights, images=None, *, grad_checkpoint=
     text = text_model(model)
     if images and any(images) and inputs.shape[0] > 1:
         parts = [batch_loss(model, inputs[i:i + 1], targets[i:i + 1], weights[i:i + 1], [images[i]],
-                            grad_checkpoint=grad_checkpoint, chunk=chunk, pixels=pixels) for i in range(inputs.shape[0])]
+                            grad_checkpoint=grad_checkpoint, chunk=chunk, pixels=pixels)
+                 for i in range(inputs.shape[0])]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
     h = _hidden(model, inputs, images, grad_checkpoint, pixels)
     w = np.array(weights).reshape(-1)
@@ -325,7 +326,8 @@ def _share(world: World, model, optimizer, step: int, resumed: bool, data_finger
         with world.together("comparing the ranks' training data"):
             if theirs != data_fingerprint:
                 raise TrainingError(f"rank {world.rank}'s training data differ from rank 0's (fingerprint "
-                                    f"{data_fingerprint[:12]}, rank 0 {theirs[:12]}): every machine needs the same data")
+                                    f"{data_fingerprint[:12]}, rank 0 {theirs[:12]}): every machine needs the same "
+                                    "data")
     return step
 
 
@@ -550,7 +552,8 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
                 grads, lsum, ntok, error = None, mx.array(0.0), mx.array(0.0), None
                 try:
                     for micro in range(train_cfg.grad_accum):
-                        inputs, targets, weights, images = _to_arrays(train_set.batch(step * train_cfg.grad_accum + micro))
+                        k = step * train_cfg.grad_accum + micro
+                        inputs, targets, weights, images = _to_arrays(train_set.batch(k))
                         (s, n), g = loss_and_grad(inputs, targets, weights, images,
                                                   grad_checkpoint=train_cfg.grad_checkpoint, chunk=train_cfg.loss_chunk)
                         grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -638,5 +641,5 @@ def train(model, train_set, valid_set, adapter_path, adapter_cfg: AdapterConfig,
                        peak_memory_gb=mx.get_peak_memory() / 1e9, adapter_path=adapter_path)
 
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "AdapterError", "train", "evaluate", "batch_loss",
-           "schedule", "save_checkpoint", "latest_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "NonFiniteError", "AdapterError", "train", "evaluate",
+           "batch_loss", "schedule", "save_checkpoint", "latest_checkpoint", "checkpoint_path"]
