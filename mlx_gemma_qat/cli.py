@@ -4,6 +4,7 @@ kld, compare."""
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 
 import click
@@ -240,6 +241,17 @@ def inspect(path, context, kv_bits, kv_group_size):
     click.echo(format_report(inspect_path(path), context, int(kv_bits) if kv_bits else None, kv_group_size))
 
 
+def _rerun_with_resume() -> str | None:
+    """This command line with --resume added, when this process runs as mlx-gemma (None under another program)."""
+    from pathlib import Path
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name not in ("mlx-gemma", "mlx-gemma.exe") and argv0.parts[-2:] != ("mlx_gemma_qat", "cli.py"):
+        return None
+    args = sys.argv[1:]
+    return shlex.join(["mlx-gemma", *args, *([] if "--resume" in args else ["--resume"])])
+
+
 @main.command()
 @click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
 @click.option("--data", required=True,
@@ -273,9 +285,13 @@ def inspect(path, context, kv_bits, kv_group_size):
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute each block in the backward pass (less memory).")
 @click.option("--val-every", type=int, default=50, show_default=True, help="Steps between validations.")
 @click.option("--val-batches", type=int, default=25, show_default=True, help="Validation batches (-1: all).")
-@click.option("--save-every", type=int, default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--save-every", type=int, default=None,
+              help="Steps between checkpoints (default: a tenth of --iters; 0: only at the end). Ctrl-C or an error "
+                   "also saves the last completed step.")
 @click.option("--report-every", type=int, default=10, show_default=True, help="Steps between metrics lines.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --adapter-path (bit-identical).")
+@click.option("--allow-data-change", is_flag=True,
+              help="With --resume: go on when the training data differ from the checkpoint's (else refused).")
 @click.option("--test", is_flag=True, help="Report the loss on test.jsonl at the end.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
@@ -283,9 +299,10 @@ def inspect(path, context, kv_bits, kv_group_size):
 @_clean_errors
 def lora(model, data, adapter_path, kind, rank, scale, dropout, num_layers, keys, adapt_embedding, iters, batch_size,
          grad_accum, learning_rate, warmup, min_lr_ratio, weight_decay, max_grad_norm, max_seq_length, mask_prompt, pack,
-         seed, grad_checkpoint, val_every, val_batches, save_every, report_every, resume, test, dtype, widen):
+         seed, grad_checkpoint, val_every, val_batches, save_every, report_every, resume, allow_data_change, test, dtype,
+         widen):
     """Fine-tune a LoRA adapter on the quantized model (base frozen, on this machine; mlx.launch for several)."""
-    from .lora import finetune
+    from .lora import PeerFailed, TrainingError, finetune
 
     adapter = dict(kind=kind, rank=rank, scale=scale, dropout=dropout, num_layers=num_layers,
                    keys=[k.strip() for k in keys.split(",") if k.strip()] if keys else None, embedding=adapt_embedding)
@@ -295,8 +312,12 @@ def lora(model, data, adapter_path, kind, rank, scale, dropout, num_layers, keys
                      grad_checkpoint=grad_checkpoint, val_every=val_every, val_batches=val_batches,
                      save_every=save_every, report_every=report_every)
     log = functools.partial(click.echo, err=True)
-    r = finetune(model, data, adapter_path, adapter=adapter, train_config=train_cfg, resume=resume, dtype=dtype,
-                 widen=widen, test=test, log=log)
+    try:
+        r = finetune(model, data, adapter_path, adapter=adapter, train_config=train_cfg, resume=resume, dtype=dtype,
+                     widen=widen, test=test, log=log, resume_command=_rerun_with_resume(),
+                     allow_data_change=allow_data_change)
+    except (TrainingError, PeerFailed) as e:
+        raise click.ClickException(str(e)) from None
     parts = [f"{r.steps} steps", f"train loss {r.train_loss:.4f}"]
     if r.val_loss is not None:
         parts.append(f"validation loss {r.first_val_loss:.4f} -> {r.val_loss:.4f}" if r.first_val_loss is not None

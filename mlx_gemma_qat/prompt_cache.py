@@ -28,7 +28,6 @@ kept and the rest tokenized on its own.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .atomic import atomic_file
 from .model.cache import KVCache, RotatingKVCache, check_kv_quantization, copy_cache
 
 FORMAT = "mlx-gemma-qat/prompt-cache"
@@ -233,13 +233,8 @@ def _write(path, cache: list, tokens, info: dict) -> Path:
     info = dict(info, layers=layers)
     meta = {"format": FORMAT, "format_version": str(VERSION), "info": json.dumps(info)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
-    try:
+    with atomic_file(path, suffix=".safetensors") as tmp:  # mx.save_safetensors appends it when missing
         mx.save_safetensors(str(tmp), arrays, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

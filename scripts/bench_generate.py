@@ -67,6 +67,8 @@ def run(cmd: list[str], check: bool = True) -> tuple[str, float, float]:
 
 def prepare(gguf: Path, work: Path) -> dict[str, Path]:
     """Convert once into work/; a folder with a config.json is reused."""
+    from mlx_gemma_qat.atomic import commit
+
     work.mkdir(parents=True, exist_ok=True)
     paths = {k: work / k for k in ("ours", "ours_q6k_f32", "hf", "mlxlm_g64_bf16", "mlxlm_g32_f32")}
     jobs = {
@@ -86,7 +88,7 @@ def prepare(gguf: Path, work: Path) -> dict[str, Path]:
         tmp = work / f"{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         _, wall, _ = run([c.replace("{out}", str(tmp)) for c in cmd])
-        tmp.rename(dst)
+        commit(tmp, dst)
         log(f"prepared {name} in {wall:.0f} s")
     return paths
 

@@ -116,6 +116,8 @@ def build_checkpoint(folder: Path, vision: dict):
     from transformers import (AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                               SiglipVisionConfig)
 
+    from mlx_gemma_qat.atomic import commit
+
     sys.path.insert(0, str(ROOT / "scripts"))
     import make_tiny_gemma3_vlm as tiny  # its weight rules, text defaults and token ids
 
@@ -169,7 +171,7 @@ def build_checkpoint(folder: Path, vision: dict):
     if enc["pixel_values"].shape != (1, 3, 896, 896) or n_img != 256:
         raise SystemExit(f"transformers' processor gives {enc['pixel_values'].shape}, {n_img} image tokens")
     log(f"transformers AutoProcessor: {type(proc).__name__}, {enc['input_ids'].shape[1]} prompt tokens")
-    tmp.rename(folder)
+    commit(tmp, folder)
 
 
 def make_image(path: Path):

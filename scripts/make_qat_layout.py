@@ -42,32 +42,30 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
 
 def relayout(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the QAT-layout copy of ``src`` to ``out`` (atomically: a temporary sibling renamed at the end)."""
+    from mlx_gemma_qat.atomic import atomic_file
+
     src, out = Path(src), Path(out)
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        _copy_metadata(reader, writer)
-        for t in reader.tensors:
-            shape = tuple(int(s) for s in reversed(t.shape))  # rows first
-            data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-            if t.name == "token_embd.weight":
-                writer.add_tensor(t.name, data.astype(np.float16))
-            elif data.ndim == 2 and shape[-1] % 32 == 0 and t.tensor_type != QT.F32:
-                q = gguf.quants.quantize(data.astype(np.float32), QT.Q4_0)
-                writer.add_tensor(t.name, q, raw_dtype=QT.Q4_0)  # byte shape -> element shape
-            else:
-                writer.add_tensor(t.name, data.astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.rename(out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            _copy_metadata(reader, writer)
+            for t in reader.tensors:
+                shape = tuple(int(s) for s in reversed(t.shape))  # rows first
+                data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+                if t.name == "token_embd.weight":
+                    writer.add_tensor(t.name, data.astype(np.float16))
+                elif data.ndim == 2 and shape[-1] % 32 == 0 and t.tensor_type != QT.F32:
+                    q = gguf.quants.quantize(data.astype(np.float32), QT.Q4_0)
+                    writer.add_tensor(t.name, q, raw_dtype=QT.Q4_0)  # byte shape -> element shape
+                else:
+                    writer.add_tensor(t.name, data.astype(np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return out
 
 

@@ -1,6 +1,7 @@
 """LoRA adapters, training, resume and fuse on the tiny fixture (quantized: Q4_0-grid linears, 4-bit embedding)."""
 
 import json
+import signal
 from pathlib import Path
 
 import mlx.core as mx
@@ -129,13 +130,13 @@ def test_gradients_match_finite_differences(qfolder, kind):
     assert checked == 18
 
 
-def _run(folder, out, kind="pooled", iters=8, stop_after=None, resume=False, **kw):
+def _run(folder, out, kind="pooled", iters=8, stop_after=None, resume=False, train_set=None, log=None, **kw):
     model, _ = load(folder)
     tcfg = TrainConfig(iters=iters, batch_size=4, learning_rate=5e-4, warmup=2, val_every=4, save_every=4,
                        report_every=2, **kw)
     acfg = AdapterConfig(kind=kind, num_layers=4, embedding=True, dropout=0.1)
-    return model, train(model, PatternBatches(6, 4, 24, 0), PatternBatches(2, 4, 24, 1), out, acfg, tcfg,
-                        progress=False, log=lambda *_: None, stop_after=stop_after, resume=resume)
+    return model, train(model, train_set or PatternBatches(6, 4, 24, 0), PatternBatches(2, 4, 24, 1), out, acfg, tcfg,
+                        progress=False, log=log or (lambda *_: None), stop_after=stop_after, resume=resume)
 
 
 def test_training_lowers_validation_loss_and_writes_outputs(qfolder, tmp_path):
@@ -180,6 +181,47 @@ def test_resume_is_bit_identical(qfolder, tmp_path):
         _run(qfolder, tmp_path / "half", iters=8)
 
 
+def test_resume_after_a_kill_mid_metrics_line(qfolder, tmp_path):
+    """A run killed while appending to metrics.jsonl leaves half a line: resuming skips it (it crashed)."""
+    _run(qfolder, tmp_path / "k", iters=8, stop_after=4)
+    with open(tmp_path / "k" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "train_lo')
+    _, r = _run(qfolder, tmp_path / "k", iters=8, resume=True)
+    assert r.steps == 8
+    lines = (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "train_loss" in x] == [2, 4, 6, 8]
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(qfolder, tmp_path):
+    from mlx_gemma_qat.lora import finetune
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": f"Say {w}", "completion": f"{w} {w}"} for w in "red green blue black".split()]
+    train_file = data / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ad"
+    cfg = dict(iters=4, batch_size=2, val_every=0, save_every=0)
+
+    def run(lines=None, **kw):
+        return finetune(qfolder, data, out, adapter=dict(num_layers=1), train_config=cfg, progress=False,
+                        log=(lines.append if lines is not None else lambda *a: None), **kw)
+
+    run(stop_after=2)
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    assert len(state["data_fingerprint"]) == 64
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))  # the same records, reordered
+    with pytest.raises(TrainingError, match="training data differ from those .*step-0000002 was trained on.*"
+                                            "--allow-data-change"):
+        run(resume=True)
+    assert latest_checkpoint(out).name == "step-0000002"
+    lines = []
+    assert run(lines, resume=True, allow_data_change=True).steps == 4
+    assert any(x.startswith("Warning: the training data differ") for x in lines)
+    new = json.loads((latest_checkpoint(out) / "state.json").read_text())["data_fingerprint"]
+    assert new != state["data_fingerprint"]  # later checkpoints record the data they were trained on
+
+
 def test_interrupted_checkpoint_keeps_the_last_good_one(qfolder, tmp_path, monkeypatch):
     from mlx_gemma_qat.lora import trainer
 
@@ -201,11 +243,128 @@ def test_interrupted_checkpoint_keeps_the_last_good_one(qfolder, tmp_path, monke
     assert latest_checkpoint(tmp_path / "r").name == "step-0000008"
 
 
-def test_nan_loss_stops_with_the_last_checkpoint(qfolder, tmp_path):
+def test_checkpoints_every_tenth_of_the_run_by_default(qfolder, tmp_path):
+    assert [TrainConfig(iters=n).checkpoint_every for n in (5, 100, 1500)] == [1, 10, 150]
+    assert TrainConfig(iters=100, save_every=0).checkpoint_every == 0
     model, _ = load(qfolder)
-    with pytest.raises(TrainingError, match=r"loss became nan at step 6.*step-0000004"):
+    train(model, PatternBatches(6, 4, 24, 0), None, tmp_path / "c", AdapterConfig(num_layers=1),
+          TrainConfig(iters=20, batch_size=4), progress=False, log=lambda *_: None, stop_after=3)
+    assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000003"]
+
+
+class Interrupting(PatternBatches):
+    """Ctrl-C (``times`` SIGINTs to this process), or ``error`` raised, when batch ``at`` is fetched."""
+
+    def __init__(self, *a, at, times=1, error=None):
+        super().__init__(*a)
+        self.at, self.times, self.error = at, times, error
+
+    def batch(self, k):
+        if k == self.at:
+            if self.error is not None:
+                raise self.error
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+        return super().batch(k)
+
+
+@pytest.mark.parametrize("how, saved", [("ctrl-c", 6), ("ctrl-c twice", 5), ("error", 5)])
+def test_a_stopped_run_saves_its_last_completed_step_and_resumes_exactly(qfolder, tmp_path, how, saved):
+    """Ctrl-C lets the step in progress (6) finish and saves it; a second Ctrl-C or an error stops at once and
+    saves the last completed step (5). Checkpoints are due at 4 and 8 only. Resuming equals an unbroken run."""
+    lines = []
+    batches = Interrupting(6, 4, 24, 0, at=5, times=2 if how == "ctrl-c twice" else 1,
+                           error=OSError("disk on fire") if how == "error" else None)
+    with pytest.raises(OSError if how == "error" else KeyboardInterrupt):
+        _run(qfolder, tmp_path / "r", iters=8, train_set=batches, log=lines.append)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling is restored
+    assert latest_checkpoint(tmp_path / "r").name == f"step-{saved:07d}"
+    what, fix = ("Stopped by an error", " once the error is fixed") if how == "error" else ("Interrupted", "")
+    assert lines[-1] == (f"{what} after step {saved} of 8: saved in {tmp_path / 'r' / 'checkpoints' / f'step-{saved:07d}'}. "
+                         f"To continue{fix}: rerun the same command with --resume added (resume=True in Python)")
+    resumed, _ = _run(qfolder, tmp_path / "r", iters=8, resume=True)
+    full, _ = _run(qfolder, tmp_path / "full", iters=8)
+    a, b = adapter_weights(full), adapter_weights(resumed)
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_an_interruption_inside_an_update_saves_the_step_before_it(qfolder, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of step 6's optimizer update (its step counter and some moments already moved): the
+    saved step 5 is step 5's state, not a mix, and resuming from it equals an unbroken run."""
+    import mlx.optimizers as optim
+
+    real, calls = optim.AdamW.apply_single, [0]
+
+    def interrupted(self, *a):
+        if self.step.item() == 6:
+            calls[0] += 1
+            if calls[0] == 10:
+                raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(optim.AdamW, "apply_single", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(qfolder, tmp_path / "r", iters=8)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "r").name == "step-0000005"
+    resumed, _ = _run(qfolder, tmp_path / "r", iters=8, resume=True)
+    full, _ = _run(qfolder, tmp_path / "full", iters=8)
+    a, b = adapter_weights(full), adapter_weights(resumed)
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_nan_loss_stops_and_saves_the_last_completed_step(qfolder, tmp_path):
+    model, _ = load(qfolder)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6; nothing of that step was applied\. "
+                                            r"Step 5, the last completed one, is saved in .*step-0000005"):
         train(model, PatternBatches(6, 4, 24, 0, nan_at=5), None, tmp_path / "n", AdapterConfig(num_layers=2),
               TrainConfig(iters=8, batch_size=4, save_every=4), progress=False, log=lambda *_: None)
+    assert latest_checkpoint(tmp_path / "n").name == "step-0000005"
+
+
+def test_unknown_settings_are_refused(qfolder, tmp_path):
+    """A typo in a settings dict is an error naming it (it was dropped, and the run used the default)."""
+    from mlx_gemma_qat.lora import finetune
+
+    with pytest.raises(TrainingError, match="unknown training setting 'learning_rte' \\(did you mean 'learning_rate'"):
+        TrainConfig.from_dict({"iters": 2, "learning_rte": 1e-3})
+    with pytest.raises(AdapterError, match="unknown adapter setting 'rnak'"):
+        AdapterConfig.from_dict({"rnak": 4})
+    with pytest.raises(TrainingError, match="unknown training setting 'rank'"):
+        finetune(qfolder, tmp_path, tmp_path / "ad", train_config={"iters": 1, "rank": 4})
+    with pytest.raises(AdapterError, match="unknown adapter settings 'iters', 'seed'"):
+        finetune(qfolder, tmp_path, tmp_path / "ad", adapter={"iters": 1, "seed": 2})
+    assert not (tmp_path / "ad").exists()
+    model, _ = load(qfolder)
+    save_adapters(model, apply_adapters(model, AdapterConfig(num_layers=1)), tmp_path / "saved")
+    cfg = tmp_path / "saved" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "lora_scale": 2.0}))
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not a valid adapter config .*'lora_scale'"):
+        load(qfolder, adapter_path=tmp_path / "saved")
+
+
+def test_non_finite_gradients_with_a_finite_loss_stop_before_the_update(qfolder, tmp_path, monkeypatch):
+    from mlx_gemma_qat.lora import trainer
+
+    real, calls = trainer.batch_loss, [0]
+
+    def poisoned(model, *a, **k):
+        s, n = real(model, *a, **k)
+        calls[0] += 1
+        if calls[0] == 6:  # step 6: the loss unchanged, a NaN gradient (0 * the infinite slope of sqrt at 0)
+            w = adapter_layers(model)["model.layers.7.mlp.down_proj"].lora_a
+            s = s + 0.0 * mx.sqrt(mx.abs(w - w)).sum()
+        return s, n
+
+    monkeypatch.setattr(trainer, "batch_loss", poisoned)
+    model, _ = load(qfolder)
+    with pytest.raises(TrainingError, match=r"gradients are not finite \(inf or NaN in model\.layers\.7\.mlp\.down_proj"
+                                            r"\.lora_a\) though the loss is finite \(\d.*\) at step 6; nothing"):
+        train(model, PatternBatches(6, 4, 24, 0), None, tmp_path / "g", AdapterConfig(num_layers=2),
+              TrainConfig(iters=8, batch_size=4, save_every=3), progress=False, log=lambda *_: None)
+    assert all(mx.all(mx.isfinite(v)).item() for v in adapter_weights(model).values())  # the step was not applied
+    saved = mx.load(str(latest_checkpoint(tmp_path / "g") / "adapters.safetensors"))
+    assert all(mx.all(mx.isfinite(v)).item() for v in saved.values())  # nor saved
 
 
 def test_adapter_from_another_model_is_refused(qfolder, tmp_path):
@@ -313,6 +472,41 @@ def test_cli_lora_fuse_generate(qfolder, tmp_path):
         assert r.exit_code == 0, r.output
 
 
+def test_cli_ctrl_c_saves_and_prints_the_resume_command(qfolder, tmp_path):
+    """A real SIGINT to `mlx-gemma lora` (no --save-every: checkpoints every 150 of 1500 steps): the step in
+    progress is finished and saved, the exact command to continue is printed, the exit status is not 0."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": f"{w} is a colour"} for w in "red green blue black".split()]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ad"
+    args = ["lora", "-m", str(qfolder), "--data", str(data), "--adapter-path", str(out), "--iters", "1500",
+            "--batch-size", "2", "--num-layers", "1", "--report-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_gemma_qat.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and "train_loss" in (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    line = next(x for x in err.splitlines() if x.startswith("Interrupted after step "))
+    step = int(line.split()[3])
+    assert 0 < step < 150 and latest_checkpoint(out).name == f"step-{step:07d}"
+    assert line.endswith(f"To continue: {shlex.join(['mlx-gemma', *args, '--resume'])}"), line
+
+
 def test_training_on_chat_records_with_images_keeps_the_vision_tower_frozen(vlm, tmp_path):
     """A chat record with an image trains the text adapters through the (frozen) vision tower."""
     from mlx_gemma_qat.lora import finetune
@@ -339,6 +533,77 @@ def test_training_on_chat_records_with_images_keeps_the_vision_tower_frozen(vlm,
                                                                "mlp.down_proj")}  # nothing of the vision tower
     trained, _ = load(folder, adapter_path=tmp_path / "ad")
     assert len(adapter_layers(trained)) == 14
+
+
+def _chat_with_images(folder: Path, images: list) -> Path:
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": str(i)},
+                                                       {"type": "text", "text": "What is this?"}]},
+                          {"role": "assistant", "content": f"A picture called {Path(i).name}."}]} for i in images]
+    rows += [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}] * 2
+    folder.mkdir(exist_ok=True)
+    for name in ("train", "valid"):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_bad_images_are_errors_naming_file_and_line_before_step_1(vlm, tmp_path):
+    import struct
+    import zlib
+
+    from mlx_gemma_qat.lora import finetune
+    from mlx_gemma_qat.lora.data import DataError
+
+    folder = vlm[0]
+    good = Path(__file__).parent / "fixtures" / "images" / "a.png"
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    ihdr = struct.pack(">IIBBBBB", 8000, 8000, 8, 2, 0, 0, 0)  # a 64 MP header, no pixels
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    for bad, why in (("junk.png", "not a readable image"), ("gone.png", "no such image file"),
+                     ("huge.png", "8000x8000 pixels is more than")):
+        data = _chat_with_images(tmp_path / "data", [good, tmp_path / bad])
+        with pytest.raises(DataError, match=rf"train\.jsonl:2: .*{bad}: {why}"):
+            finetune(folder, data, tmp_path / "ad", adapter=dict(num_layers=1),
+                     train_config=dict(iters=2, batch_size=2, val_every=0), progress=False, log=lambda *a: None)
+        assert not (tmp_path / "ad").exists()  # refused before anything was written
+
+
+def test_each_image_is_decoded_once_per_run(vlm, tmp_path, monkeypatch):
+    """Checking, training steps (two epochs) and validations all use the run's cache: one decode per image."""
+    import collections
+
+    from mlx_gemma_qat import image
+    from mlx_gemma_qat.lora import finetune
+
+    opened = collections.Counter()
+    real = image.open_image
+
+    def counting(src):
+        opened[str(src)] += 1
+        return real(src)
+
+    monkeypatch.setattr(image, "open_image", counting)
+    imgs = Path(__file__).parent / "fixtures" / "images"
+    data = _chat_with_images(tmp_path / "data", [imgs / "a.png", imgs / "b.jpg"])
+    finetune(vlm[0], data, tmp_path / "ad", adapter=dict(kind="lora", num_layers=1),
+             train_config=dict(iters=4, batch_size=2, val_every=1, save_every=0), progress=False, log=lambda *a: None)
+    assert opened == {str(imgs / "a.png"): 1, str(imgs / "b.jpg"): 1}
+
+
+def test_image_cache_is_bounded_by_bytes_least_recently_used_out():
+    from mlx_gemma_qat.image import preprocess
+    from mlx_gemma_qat.lora.images import ImageCache
+
+    a, b, c = (str(Path(__file__).parent / "fixtures" / "images" / f) for f in ("a.png", "b.jpg", "wide.png"))
+    cache = ImageCache(8, max_bytes=2 * 3 * 8 * 8 * 4)  # room for two 8x8 images
+    assert np.array_equal(cache.pixels([a, b])[1], preprocess(b, 8)) and cache.decoded == 2
+    cache.pixels([a])  # a is now the most recent: c pushes b out
+    cache.pixels([c])
+    assert cache.nbytes <= cache.max_bytes and cache.decoded == 3
+    cache.pixels([a, c])
+    assert cache.decoded == 3
+    cache.pixels([b])
+    assert cache.decoded == 4
 
 
 def test_cli_fuse_exports_a_gguf_from_a_gguf_model(tmp_path):

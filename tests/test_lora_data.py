@@ -1,6 +1,7 @@
 """lora/data.py: JSONL reading, formats, target masks, images, length-bucketed / packed / sharded batches."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from mlx_gemma_qat.generate import encode_prompt
-from mlx_gemma_qat.lora.data import (Batches, DataError, Example, encode, load_splits, read_jsonl,
+from mlx_gemma_qat.lora.data import (Batches, DataError, Example, encode, fingerprint, load_splits, read_jsonl,
                                      record_format)
 
 FIX = Path(__file__).parent / "fixtures"
@@ -166,6 +167,26 @@ def test_load_splits_folder(tmp_path):
         load_splits(tmp_path)
     with pytest.raises(DataError, match="no such folder"):
         load_splits(tmp_path / "nope")
+
+
+def test_a_missing_local_path_is_an_error_never_a_hub_download(tmp_path, monkeypatch):
+    from mlx_gemma_qat.lora import data as data_mod
+
+    asked = []
+
+    def hub(repo_id):
+        asked.append(repo_id)
+        return tmp_path
+
+    monkeypatch.setattr(data_mod, "_hub_snapshot", hub)
+    monkeypatch.chdir(tmp_path)
+    for missing in ("data/train.jsonl", "./data", "~/no-such-data-here", str(tmp_path / "nope"),
+                    "data\\train", "one/two/three", "org/set.parquet", "x"):
+        with pytest.raises(DataError, match=f"{re.escape(missing)}: no such folder"):
+            load_splits(missing)
+    assert asked == []
+    write(tmp_path / "train.jsonl", [{"text": "a"}])
+    assert load_splits("tiny-org/tiny.data")["train"][0]["text"] == "a" and asked == ["tiny-org/tiny.data"]
 
 
 def test_load_splits_hub_offline_cache(tmp_path, monkeypatch):
@@ -337,6 +358,20 @@ def test_long_sequences_cut_and_dropped_with_one_warning(tok):
     quiet = []
     Batches(exs[:1] + exs[2:3], 2, 64, warn=quiet.append)
     assert quiet == []
+
+
+def test_fingerprint_follows_tokens_masks_order_and_images(tok):
+    recs = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    base = fingerprint(encode(recs, tok))
+    assert fingerprint(encode([dict(r) for r in recs], tok)) == base
+    assert fingerprint(encode(recs[::-1], tok)) != base
+    assert fingerprint(encode(recs, tok, mask_prompt=False)) != base  # same tokens, other targets
+    assert fingerprint(encode([recs[0], {"prompt": "c", "completion": "e"}], tok)) != base
+    ex = synthetic([5, 6])
+    with_image = [Example(ex[0].tokens, ex[0].mask, ["a.png"]), ex[1]]
+    assert len({fingerprint(ex), fingerprint(with_image),
+                fingerprint([Example(ex[0].tokens, ex[0].mask, ["b.png"]), ex[1]])}) == 3
+    assert Batches(ex, 1, 16, warn=lambda *a: None).fingerprint == fingerprint(ex)
 
 
 def test_batches_errors():

@@ -1,5 +1,6 @@
 """Gradient accumulation and data-parallel training (2 local processes under mlx.launch) give the adapter of
-one process training on the combined batch (within float tolerance: only the summation order differs)."""
+one process training on the combined batch (within float tolerance: only the summation order differs); a failure
+or a Ctrl-C on one rank stops every rank at the same point, nothing waits forever."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma_qat.lora import finetune
+from mlx_gemma_qat.lora.trainer import latest_checkpoint
 
 TINY = Path(__file__).parent / "fixtures" / "tiny_gemma3"
 ADAPTER = dict(kind="pooled", num_layers=3, embedding=True)
@@ -20,6 +22,7 @@ TRAIN = dict(iters=4, batch_size=4, learning_rate=2e-3, val_every=0, save_every=
 WORKER = """
 import sys, json
 from mlx_gemma_qat.lora import finetune
+from mlx_gemma_qat.lora.trainer import latest_checkpoint
 folder, data, out, adapter, train, stop, resume = sys.argv[1:8]
 finetune(folder, data, out, adapter=json.loads(adapter), train_config=json.loads(train), progress=False,
          log=lambda *a: None, stop_after=int(stop) or None, resume=resume == "1")
@@ -116,3 +119,103 @@ def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(setup, tmp
     _launch(tmp_path, folder, data, "part", resume=True)
     a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "part")
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+FAILURES = """
+import json, signal, sys
+import mlx.core as mx
+from mlx_gemma_qat.lora import data as data_mod, finetune
+
+folder, good, bad, root, adapter, train = sys.argv[1:7]
+rank = mx.distributed.init().rank()
+adapter, train = json.loads(adapter), json.loads(train)
+results = {}
+
+
+def attempt(case, out, data=good, more=None, **kw):
+    try:
+        finetune(folder, data, f"{root}/{out}", adapter=adapter, train_config={**train, **(more or {})},
+                 progress=False, log=lambda *a: None, **kw)
+        results[case] = None
+    except BaseException as e:
+        results[case] = [type(e).__name__, str(e)]
+
+
+real = data_mod.Batches.batch
+
+
+def on_rank_1_at_step_3(action):
+    def batch(self, k):
+        if rank == 1 and self.seed == 7 and k == 2:  # seed 7: the training set (validation's seed is 0)
+            action()
+        return real(self, k)
+    return batch
+
+
+def fail():
+    raise OSError("disk on fire")
+
+
+attempt("first run", "a", stop_after=1)
+attempt("folder holds checkpoints", "a")
+attempt("resume without a checkpoint", "empty", resume=True)
+attempt("bad data on rank 0", "b", data=bad if rank == 0 else good)
+data_mod.Batches.batch = on_rank_1_at_step_3(fail)
+attempt("error in step 3 on rank 1", "c", more={"seed": 7})
+data_mod.Batches.batch = on_rank_1_at_step_3(lambda: signal.raise_signal(signal.SIGINT))
+attempt("ctrl-c on rank 1", "d", more={"seed": 7})
+data_mod.Batches.batch = real
+attempt("resume after ctrl-c", "d", more={"seed": 7}, resume=True)
+attempt("unbroken", "full", more={"seed": 7})
+with open(f"{root}/results-{rank}.json", "w") as f:
+    json.dump(results, f)
+finetune(folder, bad if rank == 0 else good, f"{root}/e", adapter=adapter, train_config=train, progress=False)
+"""
+
+
+def _launch_script(tmp_path, script, *args, timeout=240):
+    """mlx.launch -n 2 of ``script``; a hang fails the test (the launcher and both ranks are killed)."""
+    import signal as sig
+
+    worker = tmp_path / "failures.py"
+    worker.write_text(script)
+    launch = Path(sys.executable).parent / "mlx.launch"
+    cmd = [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, str(worker), *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, sig.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the ranks hung (killed after {timeout} s):\n{out}\n{err}")
+    return out + err
+
+
+def test_a_failure_or_ctrl_c_on_one_rank_stops_every_rank(setup, tmp_path):
+    folder, good = setup
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    train = {**TRAIN, "val_every": 2}
+    output = _launch_script(tmp_path, FAILURES, folder, good, bad, tmp_path, json.dumps(ADAPTER), json.dumps(train))
+    got = [json.loads((tmp_path / f"results-{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["first run"] is None and got[1]["first run"] is None
+    for case, error, what in (("folder holds checkpoints", "holds checkpoints of an earlier run", "preparing the run"),
+                              ("resume without a checkpoint", "--resume: no checkpoint", "preparing the run"),
+                              ("bad data on rank 0", "train.jsonl:2: malformed JSON", "reading the data")):
+        assert error in got[0][case][1], (case, got[0][case])
+        assert got[1][case] == ["PeerFailed", f"rank 0 failed while {what} (see its error); rank 1 stops too"], case
+    assert got[1]["error in step 3 on rank 1"] == ["OSError", "disk on fire"]
+    assert got[0]["error in step 3 on rank 1"] == ["PeerFailed", "rank 1 failed while computing step 3 (see its "
+                                                   "error); rank 0 stops too"]
+    assert latest_checkpoint(tmp_path / "c").name == "step-0000002"  # rank 0 saved the last completed step
+    assert got[0]["ctrl-c on rank 1"][0] == got[1]["ctrl-c on rank 1"][0] == "KeyboardInterrupt"
+    assert got[0]["resume after ctrl-c"] is None and got[1]["resume after ctrl-c"] is None
+    steps = sorted(p.name for p in (tmp_path / "d" / "checkpoints").glob("step-*"))
+    assert steps == ["step-0000003", "step-0000004"]  # both finished the step in progress; then resumed from it
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "d")
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)  # the resumed run equals an unbroken one
+    # the last error was not caught: both processes ended, each with its message
+    assert "train.jsonl:2: malformed JSON" in output and "rank 0 failed while reading the data" in output, output

@@ -48,6 +48,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from ..atomic import atomic_file
 from .grids import GROUP, MLXTensor, ggml_to_mlx, unpack_bits
 
 __all__ = ["GGUFExportError", "export_gguf"]
@@ -403,36 +404,29 @@ def export_gguf(mlx_folder, out_path, *, base_gguf=None, force: bool = False, pr
 
     tensors_report = []
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as scratch:
-            arrays = []
-            it = plan
-            if progress:
-                from tqdm import tqdm
+    with atomic_file(out) as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.scratch-", dir=out.parent) as scratch:
+        arrays = []
+        it = plan
+        if progress:
+            from tqdm import tqdm
 
-                it = tqdm(plan, desc="exporting", unit="tensor")
-            for i, (t, name, shape) in enumerate(it):
-                with from_gguf.reading(folder, GGUFExportError):
-                    f = weights.tensor(name, shape)
-                    base_form = _base_form(t, shape, f)
-                    qtype, data, how, err = _export_tensor(name, t, f, base_form, shape)
-                if how != "copied":  # spill: a big model's changed tensors never sit in memory together
-                    p = Path(scratch) / f"{i}.npy"
-                    np.save(p, data)
-                    data = np.load(p, mmap_mode="r")
-                arrays.append((t.name, qtype, data))
-                tensors_report.append({"name": t.name, "base_type": QT(t.tensor_type).name, "out_type": qtype.name,
-                                       "how": how, "max_abs_error": err})
-            changed = any(r["how"] != "copied" for r in tensors_report)
-            all_exact = all(r["how"] != "requantized" for r in tensors_report)
-            _write(reader, tmp, arrays, folder, base_path, changed, all_exact)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            it = tqdm(plan, desc="exporting", unit="tensor")
+        for i, (t, name, shape) in enumerate(it):
+            with from_gguf.reading(folder, GGUFExportError):
+                f = weights.tensor(name, shape)
+                base_form = _base_form(t, shape, f)
+                qtype, data, how, err = _export_tensor(name, t, f, base_form, shape)
+            if how != "copied":  # spill: a big model's changed tensors never sit in memory together
+                p = Path(scratch) / f"{i}.npy"
+                np.save(p, data)
+                data = np.load(p, mmap_mode="r")
+            arrays.append((t.name, qtype, data))
+            tensors_report.append({"name": t.name, "base_type": QT(t.tensor_type).name, "out_type": qtype.name,
+                                   "how": how, "max_abs_error": err})
+        changed = any(r["how"] != "copied" for r in tensors_report)
+        all_exact = all(r["how"] != "requantized" for r in tensors_report)
+        _write(reader, tmp, arrays, folder, base_path, changed, all_exact)
 
     counts = {k: sum(r["how"] == k for r in tensors_report) for k in ("copied", "exact", "requantized")}
     norms = [r["name"] for r in tensors_report if r["how"] != "copied" and r["name"].endswith("norm.weight")]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,6 +18,7 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from ..atomic import atomic_dir
 from .grids import MLXTensor
 
 SHARD_BYTES = 2 << 30
@@ -31,24 +30,14 @@ class OutputExistsError(FileExistsError):
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; move it to ``out`` only if the block succeeds."""
+    """Yield a temporary folder beside ``out``; it becomes ``out`` only if the block succeeds (atomic.atomic_dir);
+    an existing ``out`` is refused unless ``force``."""
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _to_mx(a: np.ndarray, dtype: mx.Dtype | None = None) -> mx.array:

@@ -20,7 +20,6 @@ Files are written to a temporary name and renamed when complete: an interrupted 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..atomic import commit, temp_sibling
 from .windows import Windows
 
 LLAMA_MAGIC = b"_logits_"
@@ -82,7 +82,7 @@ class LogitsWriter:
         if top_k < 0 or top_k > vocab:
             raise LogitsFileError(f"--logits-top-k must be between 0 (full) and the vocabulary ({vocab})")
         self.path, self.top_k = Path(path), top_k
-        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.tmp = temp_sibling(self.path)
         self.f = open(self.tmp, "wb")
         used = np.asarray(ids[: windows.start(windows.count - 1) + windows.context], dtype=np.int32)
         if top_k:
@@ -109,7 +109,7 @@ class LogitsWriter:
     def close(self, complete: bool) -> None:
         self.f.close()
         if complete:
-            os.replace(self.tmp, self.path)
+            commit(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,9 +16,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..atomic import atomic_file, write_text
 from ..model.multimodal import text_model  # noqa: F401  (adapters live in the text model; trainer imports it here)
 from ..model.quantized import Embedding, Linear, QuantizedEmbedding, QuantizedLinear
 from .layers import KINDS, AdapterError, LoRAEmbedding, LoRALinear, group_size_of, wrap
+from .settings import from_dict
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapters.safetensors"
 EMBEDDING = "model.embed_tokens"
@@ -46,8 +47,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        """From a dict of fields; an unknown key is an AdapterError."""
+        return from_dict(cls, d, "adapter", AdapterError)
 
 
 def _targets(text: nn.Module, cfg: AdapterConfig) -> list[str]:
@@ -115,25 +116,13 @@ def adapter_weights(model) -> dict[str, mx.array]:
     return dict(tree_flatten(text_model(model).trainable_parameters()))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
-    _atomic_write(Path(path), lambda t: mx.save_safetensors(t, arrays, metadata=metadata or {}))
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 
 
 def save_json(path: Path, obj) -> None:
-    def write(t):
-        Path(t).write_text(json.dumps(obj, indent=2))
-    _atomic_write(Path(path), write)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def save_adapters(model, cfg: AdapterConfig, folder: str | os.PathLike) -> Path:
@@ -151,7 +140,7 @@ def read_adapter_config(folder: str | os.PathLike) -> AdapterConfig:
         raise AdapterError(f"{folder}: no {CONFIG_FILE} (not an adapter folder)")
     try:
         return AdapterConfig.from_dict(json.loads(p.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, AdapterError) as e:
         raise AdapterError(f"{p}: not a valid adapter config ({e})") from None
 
 

@@ -26,6 +26,7 @@ counts it): generation stops at the marker, so that "\\n" is never produced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Example:
     # (start, end) token ranges of each image's soft tokens (set by ``encode``; used to cut a sequence
     # only between images, never inside one)
     image_runs: list = field(default=())
+    origin: str = ""  # "file:line" of its record (set by ``encode``), for errors found later (an unreadable image)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -134,6 +136,18 @@ def read_jsonl(path, name: str | None = None) -> list[dict]:
     return records
 
 
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(f"{_REPO_PART}/{_REPO_PART}")
+
+
+def is_repo_id(data: str) -> bool:
+    """Whether a string that is no local path is clearly a Hugging Face dataset id: ``owner/name`` of the hub's
+    characters (letters, digits, ``-_.``, not at either end, no ``--`` or ``..``), not ending like a data file.
+    Anything else that does not exist (``./x``, ``~/x``, ``a/b/c``, ``x.jsonl``, ``C:\\x``) is a missing path."""
+    return (bool(_REPO_ID.fullmatch(data)) and "--" not in data and ".." not in data
+            and not data.lower().endswith((".jsonl", ".json", ".parquet")))
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -160,11 +174,10 @@ def load_splits(data, *, splits=("train", "valid", "test"), required=("train",))
         if not p.is_dir():
             raise DataError(f"{data}: not a folder (give a folder with train.jsonl, valid.jsonl, test.jsonl)")
         root, label = p, None
+    elif isinstance(data, str) and is_repo_id(data):
+        root, label = _hub_snapshot(data), data
     else:
-        s = str(data)
-        if s.count("/") != 1 or s.startswith((".", "/", "~")):
-            raise DataError(f"{data}: no such folder")
-        root, label = _hub_snapshot(s), s
+        raise DataError(f"{data}: no such folder (a Hugging Face dataset is named owner/name)")
     out = {}
     for split in splits:
         for rel in (f"{split}.jsonl", f"data/{split}.jsonl"):
@@ -340,8 +353,28 @@ def encode(records: list[dict], tokenizer, *, mask_prompt: bool = True, image_id
                 mask[a:b] = [False] * (b - a)
             if len(runs) != len(images):
                 raise DataError(f"{where}: {len(runs)} image token runs for {len(images)} image(s)")
-        out.append(Example(tokens, mask, list(images), runs))
+        out.append(Example(tokens, mask, list(images), runs, where))
     return out
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """sha256 (hex) of examples as the model sees them, in order: each one's token ids, target mask and image
+    sources. Taken over the tokenized form rather than the raw records, it also changes when the tokenizer or the
+    chat template does (the same JSONL would then train on other tokens). Images count by their source (path,
+    URL) only, not by the content of the file it names; an in-memory image (PIL, array) by its pixels."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.array([len(ex.tokens), len(ex.images)], np.int64).tobytes())
+        h.update(np.asarray(ex.tokens, np.int64).tobytes())
+        h.update(np.packbits(np.asarray(ex.mask, bool)).tobytes())
+        for src in ex.images:
+            if isinstance(src, (str, Path)):
+                b = str(src).encode()
+            else:
+                a = np.asarray(src)
+                b = str(a.shape).encode() + a.tobytes()
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -355,7 +388,7 @@ def _cut(ex: Example, n: int) -> Example:
             n = max(a - 1, 0) if a < n else n  # cut before its <start_of_image>
             keep = i
             break
-    return Example(ex.tokens[:n], ex.mask[:n], list(ex.images[:keep]), list(ex.image_runs[:keep]))
+    return Example(ex.tokens[:n], ex.mask[:n], list(ex.images[:keep]), list(ex.image_runs[:keep]), ex.origin)
 
 
 class Batches:
@@ -378,6 +411,8 @@ class Batches:
 
     Distributed: ``batch_size`` is the global batch; rank ``r`` of ``world`` gets rows ``r::world`` of it, all
     ranks at the same width L.
+
+    ``fingerprint``: ``fingerprint(examples)``; checkpoints record it and ``--resume`` compares it.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, max_seq_length: int, *, seed: int = 0,
@@ -391,6 +426,7 @@ class Batches:
         if not examples:
             raise DataError("no examples")
         self.batch_size, self.max_seq_length, self.seed = batch_size, max_seq_length, seed
+        self.fingerprint = fingerprint(examples)  # of the examples as given (cut and dropped follow the settings)
         self.pack, self.pad_id, self.rank, self.world = pack, pad_id, rank, world
         kept, cut, dropped, longest = [], 0, 0, 0
         for ex in examples:
@@ -493,4 +529,5 @@ class Batches:
         return int(sum(sum(m[1:]) for _, m, _ in (self._row(p) for p in self._global(step))))
 
 
-__all__ = ["DataError", "Example", "read_jsonl", "record_format", "load_splits", "encode", "Batches"]
+__all__ = ["DataError", "Example", "read_jsonl", "record_format", "load_splits", "is_repo_id", "encode", "fingerprint",
+           "Batches"]
