@@ -265,7 +265,7 @@ def test_real_270m_prefix_past_the_window(real_270m, tmp_path):
     memory does, which is what a fresh run of the whole prompt computes when its first chunk is the prefix
     (the tiny tests check that equality; one prefill of the prefix keeps this test short)."""
     model, tok = load(real_270m)
-    text = Path("/usr/share/common-licenses/GPL-3").read_text()
+    text = (Path(__file__).parent / "fixtures" / "texts" / "GPL-3").read_text()
     ids = tok.encode(text, add_special_tokens=False)
     prefix = tok.decode(ids[:528])
     pc = cache_prompt(model, tok, prefix, tmp_path / "gpl.safetensors", chat=False)
