@@ -63,6 +63,25 @@ def real_270m_exact(real_gguf, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_gpl3_prefix(real_270m_exact):
+    """The exact-route real 270M, its tokenizer, the text token ids of the committed GPL-3 and a ``PromptCache``
+    of its first 599 tokens (BOS + 598 text tokens, past the sliding window of 512), prefilled once in chunks of
+    256 by ``cache_prompt`` (about a minute on 2 cores) for the tests that need a cache past the window. A
+    PromptCache is never changed: each use takes a copy (``make_cache``)."""
+    from pathlib import Path
+
+    from mlx_gemma_qat import load
+    from mlx_gemma_qat.prompt_cache import cache_prompt
+
+    model, tok = load(real_270m_exact)
+    ids = tok.encode((Path(__file__).parent / "fixtures" / "texts" / "GPL-3").read_text(encoding="utf-8"),
+                     add_special_tokens=False)
+    pc = cache_prompt(model, tok, tok.decode(ids[:598]), chat=False)
+    assert pc.tokens == [tok.bos_token_id] + ids[:598]
+    return model, tok, pc, ids
+
+
+@pytest.fixture(scope="session")
 def vlm(tmp_path_factory):
     """The tiny Gemma 3 vision-language fixture (made by transformers) converted: (folder, model, tokenizer)."""
     from pathlib import Path
