@@ -1,8 +1,16 @@
-import mlx.core as mx
-import pytest
+import os
 
-from mlx_gemma_qat.model.config import TextConfig
-from mlx_gemma_qat.model.text import Model
+# The suite runs on MLX's CPU backend everywhere, as CI does on Linux: on a Mac MLX would pick the Metal GPU, where
+# the default compute dtype is bfloat16, and the float32 references and exact equalities here are calibrated on
+# the CPU. Set before the package is imported, which reads it (mlx_gemma_qat/__init__.py), and inherited by the
+# subprocesses tests start (mlx.launch workers, fuzz workers). MLX_GEMMA_DEVICE=gpu make test tries the GPU.
+os.environ.setdefault("MLX_GEMMA_DEVICE", "cpu")
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+
+from mlx_gemma_qat.model.config import TextConfig  # noqa: E402
+from mlx_gemma_qat.model.text import Model  # noqa: E402
 
 
 def tiny_config(**kw) -> TextConfig:
