@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 PROMPT ?= The three primary colours are
 
 $(BIN)/python:
+	@$(PY) -c 'import platform, sys; sys.exit(sys.version_info < (3, 10) or platform.system() == "Darwin" \
+	and platform.machine() != "arm64")' || { echo "$(PY) is not a Python >= 3.10 (on a Mac: a native arm64 one; \
+	macOS's own python3 is 3.9): run make PY=python3.12 $(MAKECMDGOALS), say"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 

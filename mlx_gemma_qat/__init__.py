@@ -7,7 +7,26 @@
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
+
+
+def _device_from_env() -> None:
+    """``MLX_GEMMA_DEVICE=cpu`` (or ``gpu``) runs everything on that MLX device instead of MLX's default (the GPU
+    where there is one), in this process and in every process that imports this package (the test suite sets
+    cpu, so a Mac computes what Linux CI computes, its subprocesses included)."""
+    name = os.environ.get("MLX_GEMMA_DEVICE", "").strip().lower()
+    if not name:
+        return
+    if name not in ("cpu", "gpu"):
+        raise ValueError(f"MLX_GEMMA_DEVICE={name!r}: expected cpu or gpu")
+    import mlx.core as mx
+
+    mx.set_default_device(mx.cpu if name == "cpu" else mx.gpu)
+
+
+_device_from_env()
 
 
 def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool = False, adapter_path=None):

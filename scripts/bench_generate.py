@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
-REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gemma3_270m_reference.npz"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+GPL3 = FIXTURES / "texts" / "GPL-3"  # committed, see its README
+REFERENCE = FIXTURES / "gemma3_270m_reference.npz"
 SHORT_PROMPT = "The capital of France is"
 PY = sys.executable
 
@@ -59,7 +60,12 @@ def run(cmd: list[str], check: bool = True) -> tuple[str, float, float]:
         text = out.read()
     if check and p.returncode != 0:
         raise RuntimeError(f"command failed ({p.returncode}): {shlex.join(cmd)}\n{text[-3000:]}")
-    return text, wall, usage.ru_maxrss * 1024 / 1e9
+    return text, wall, maxrss_gb(usage)
+
+
+def maxrss_gb(usage) -> float:
+    """ru_maxrss in GB: Linux counts it in KiB, macOS in bytes."""
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 # ---------------------------------------------------------------- preparation

@@ -1,7 +1,7 @@
 """Quantized KV cache on the real embedded Gemma 3 270M: perplexity and KV bytes.
 
 1. Perplexity over a text longer than the sliding window (default: the first 1,024 tokens of
-   /usr/share/common-licenses/GPL-3; the 270M's window is 512) with the float cache and with the cache
+   tests/fixtures/texts/GPL-3; the 270M's window is 512) with the float cache and with the cache
    quantized at 8 and 4 bits (group 64, and group 32 at 4 bits), evaluated in 256-token chunks through the
    cache, so every sliding layer's rotating cache wraps.
 2. KV cache bytes at 8K and 32K context, float and quantized, in float32 (the CPU compute dtype) and
@@ -77,7 +77,7 @@ def kv_bytes(cfg, context, bits, gs, dtype):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "texts" / "GPL-3"))
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--out", default=None, help="Also write the report (markdown) here.")
     args = ap.parse_args()

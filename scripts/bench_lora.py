@@ -43,7 +43,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-TEXTS = ["GPL-3", "GPL-2", "LGPL-2.1", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic"]
+# public texts the records are cut from, in order: the committed GPL-3, then (only if more records are asked for than
+# it holds, and only where the folder exists, e.g. Debian) other licence texts of the system
+GPL3 = ROOT / "tests" / "fixtures" / "texts" / "GPL-3"
+MORE_TEXTS = ["GPL-2", "LGPL-2.1", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic"]
 LICENSES = Path("/usr/share/common-licenses")
 
 
@@ -87,7 +90,7 @@ def run_proc(cmd: list[str], log: Path, timeout: float) -> dict:
                 break
             time.sleep(0.5)
         p.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": p.returncode, "seconds": time.perf_counter() - t0, "max_rss_gb": ru.ru_maxrss * 1024 / 1e9,
+    return {"rc": p.returncode, "seconds": time.perf_counter() - t0, "max_rss_gb": ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9,
             "timed_out": timed_out, "cmd": cmd, "log": str(log)}
 
 
@@ -98,8 +101,8 @@ def make_data(folder: Path, out: Path, max_len: int, batch: int, n_train: int) -
     tok = AutoTokenizer.from_pretrained(str(folder))
     body = max(max_len - 8, 4)
     records = []
-    for name in TEXTS:
-        ids = tok.encode((LICENSES / name).read_text(errors="replace"), add_special_tokens=False)
+    for path in [GPL3, *(LICENSES / n for n in MORE_TEXTS if (LICENSES / n).is_file())]:
+        ids = tok.encode(path.read_text(errors="replace"), add_special_tokens=False)
         for s in range(0, len(ids) - body + 1, body):
             text = tok.decode(ids[s:s + body]).strip()
             n = len(tok.encode(text)) + 1  # + BOS as encode adds it, + EOS both trainers append
@@ -109,6 +112,8 @@ def make_data(folder: Path, out: Path, max_len: int, batch: int, n_train: int) -
                 break
         if len(records) >= n_train + batch:
             break
+    if len(records) < n_train + batch:
+        raise SystemExit(f"the texts give only {len(records)} records of <= {max_len} tokens; {n_train} + {batch} asked for")
     out.mkdir(parents=True, exist_ok=True)
     train, valid = records[:n_train], records[n_train:n_train + batch]
     for split, recs in (("train", train), ("valid", valid)):
@@ -322,13 +327,13 @@ def report(args, results, info, folder, work, mlx_version, mlx_lm_version):
     lines = [
         "# LoRA training: ours vs mlx-lm (`mlx_lm.lora`), embedded Gemma 3 270M", "",
         f"{datetime.date.today().isoformat()}; `{cmdline}`", "",
-        f"Machine: {platform.machine()} Linux, {os.cpu_count()} CPU cores (shared with other work), MLX {mlx_version} CPU "
+        f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (shared with other work), MLX {mlx_version} CPU "
         f"backend, mlx-lm {mlx_lm_version}. GPU speed unmeasured.", "",
         f"Checkpoint: `{folder.name}` (this project's conversion, float16 scales/biases; mlx-lm reads the same folder). "
         "Equal settings: mlx-lm on a float32 copy (every float16/bfloat16 tensor cast), ours on the folder as is "
         "(the CPU loader widens the same tensors to float32 in memory): both compute in float32 on identical values.", "",
-        f"Data: {info['train']} train + {info['valid']} valid `{{\"text\"}}` records cut from /usr/share/common-licenses "
-        f"(GPL-3 first), {info['min_len']}-{info['max_len']} tokens with BOS and EOS (mean {info['mean_len']:.1f}); "
+        f"Data: {info['train']} train + {info['valid']} valid `{{\"text\"}}` records cut from tests/fixtures/texts/GPL-3 "
+        f"(then other licence texts if more were needed), {info['min_len']}-{info['max_len']} tokens with BOS and EOS (mean {info['mean_len']:.1f}); "
         "no record is truncated. The validation set is exactly one batch, so both sides validate on the same tokens.", "",
         f"Settings: batch {args.batch_size}, max length {args.max_seq_length}, {args.iters} steps, learning rate "
         f"{args.learning_rate:g} constant (mlx-lm: Adam, its default; ours: AdamW weight decay 0, --min-lr-ratio 1), "

@@ -88,7 +88,7 @@ def run(cmd: list[str]) -> tuple[str, float]:
         text = out.read()
     if code != 0:
         raise SystemExit(f"command failed ({code}): {shlex.join(cmd)}\n{text[-3000:]}")
-    return text, usage.ru_maxrss * 1024 / 1e9
+    return text, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9  # KiB on Linux, bytes on macOS
 
 
 def worker(kind: str, a, work: Path, folder: Path, image: Path) -> dict:

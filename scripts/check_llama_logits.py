@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GPL3 = "/usr/share/common-licenses/GPL-3"
+GPL3 = str(HERE.parent / "tests" / "fixtures" / "texts" / "GPL-3")  # committed, see its README
 
 
 def main():

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GPL3 = "/usr/share/common-licenses/GPL-3"
+GPL3 = str(HERE.parent / "tests" / "fixtures" / "texts" / "GPL-3")  # committed, see its README
 
 
 def compare(args: list[str]) -> list[dict]:

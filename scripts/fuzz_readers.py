@@ -25,8 +25,9 @@ in the data.
 Each case runs a user-facing path on the mutated file: `convert` to OUT (API or `mlx-gemma convert`),
 `mlx-gemma inspect`, `load_model`, `tokenizer_from_gguf(path)`, or for the real file opening it and reading its
 config, tokenizer and first tensors. It runs in a worker process under an address-space cap (the worker's
-baseline plus --mem-gb: an attempted huge allocation fails as a MemoryError or a crash instead of thrashing)
-and a time limit. The outcome must be one of:
+baseline plus --mem-gb: an attempted huge allocation fails as a MemoryError or a crash instead of thrashing;
+Linux only: macOS does not enforce RLIMIT_AS, so there the workers run uncapped) and a time limit. The outcome
+must be one of:
 - loaded correctly: the call succeeded and its result works (a converted or loaded model runs a forward pass,
   a tokenizer encodes);
 - a clear error: an exception of this package (a ValueError/OSError subclass defined in mlx_gemma_qat) whose
@@ -519,7 +520,12 @@ def attempt(route: str, f: Path, out: Path, seeds: dict) -> str:
 # ---------------------------------------------------------------- worker and driver
 
 
+# RLIMIT_AS is enforced by Linux; macOS accepts it and ignores it (and has no /proc to read a baseline from)
+CAPS_ADDRESS_SPACE = sys.platform.startswith("linux")
+
+
 def _vm_size() -> int:
+    """This process's virtual size in bytes (Linux)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmSize:"):
@@ -556,8 +562,10 @@ def worker(seed: int, mem_gb: float, time_limit: int, quick: bool = False, sabot
         import mlx.core as mx
 
         mx.eval(mx.ones(4) + 1)  # the runtime's own start-up allocations come before the baseline
-        cap = _vm_size() + int(mem_gb * (1 << 30))
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        cap = 0  # none
+        if CAPS_ADDRESS_SPACE:
+            cap = _vm_size() + int(mem_gb * (1 << 30))
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
         def on_alarm(*_):
             raise CaseTimeout(f"case ran past {time_limit} s")
@@ -695,7 +703,8 @@ def summary(results: list[dict], args, seconds: float) -> str:
         key = r["outcome"] if r["outcome"] in ("loaded", "FAILURE") else "clear error"
         table[r["kind"]][key] += 1
     lines = [f"fuzz_readers: {len(results)} cases, seed {args.seed}, {seconds / 60:.1f} min, "
-             f"{args.workers} workers, address-space cap baseline + {args.mem_gb:g} GB, {args.time_limit} s per case",
+             f"{args.workers} workers, " + (f"address-space cap baseline + {args.mem_gb:g} GB" if CAPS_ADDRESS_SPACE
+                                           else "no address-space cap (Linux only)") + f", {args.time_limit} s per case",
              "", "| reader / mutation | cases | loaded correctly | clear error | FAILURE |", "|---|---:|---:|---:|---:|"]
     readers = defaultdict(Counter)
     for k in sorted(table):

@@ -54,7 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BINARY = "/work/llbuild/bin/llama-perplexity"
 DEFAULT_OUT = ROOT / "tests" / "fixtures" / "llama_perplexity_270m.json"
-DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
+# the committed public text (tests/fixtures/texts/README.md)
+DEFAULT_TEXT = str(ROOT / "tests" / "fixtures" / "texts" / "GPL-3")
 
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf))"
 _PM = r"\s*(?:±|\+/-)\s*"
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
                        c=a.context, n=a.chunks, t=a.threads),
                    kl_divergence="-m GGUF -c {c} --chunks {n} -b {c} -t {t} --kl-divergence "
                                  "--kl-divergence-base FILE".format(c=a.context, n=a.chunks, t=a.threads)),
-        text_file=str(text),
+        text_file=str(text.resolve().relative_to(ROOT) if text.resolve().is_relative_to(ROOT) else text),
         text_sha256=sha256(text),
         context=a.context,
         chunks=a.chunks,

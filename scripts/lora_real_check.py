@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = Path("/usr/share/common-licenses/GPL-3")
+TEXT = ROOT / "tests" / "fixtures" / "texts" / "GPL-3"  # committed, see its README
 PROMPTS = ["The GNU General Public License is", "You may convey verbatim copies"]
 
 

@@ -55,7 +55,7 @@ NPZ_PATH = FIXTURES / "gemma3_270m_reference.npz"
 JSON_PATH = FIXTURES / "gemma3_270m_reference.json"
 TIMINGS_PATH = ROOT / "scripts" / "reference_270m_timings.txt"
 
-GPL3_PATH = "/usr/share/common-licenses/GPL-3"
+GPL3_PATH = FIXTURES / "texts" / "GPL-3"  # committed, see its README
 BOS, EOS, END_OF_TURN = 2, 1, 106
 STOP_IDS = (EOS, END_OF_TURN)
 N_NEW = 24
@@ -411,7 +411,7 @@ def main() -> None:
     gtop = torch.topk(logits, 5, dim=-1)
     arrays["gpl3_top5_ids"] = gtop.indices.numpy().astype(np.int32)
     meta["perplexity"] = {
-        "text_file": GPL3_PATH,
+        "text_file": str(GPL3_PATH.relative_to(ROOT)),
         "convention": "ids = [BOS] + first 1023 text tokens; one forward pass; nll[i] predicts ids[i+1]; "
                       "ppl(N) = exp(mean(nll[:N-1])) (N tokens incl. BOS -> N-1 predictions)",
         "ppl": ppl,

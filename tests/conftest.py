@@ -1,8 +1,16 @@
-import mlx.core as mx
-import pytest
+import os
 
-from mlx_gemma_qat.model.config import TextConfig
-from mlx_gemma_qat.model.text import Model
+# The suite runs on MLX's CPU backend everywhere, as CI does on Linux: on a Mac MLX would pick the Metal GPU, where
+# the default compute dtype is bfloat16, and the float32 references and exact equalities here are calibrated on
+# the CPU. Set before the package is imported, which reads it (mlx_gemma_qat/__init__.py), and inherited by the
+# subprocesses tests start (mlx.launch workers, fuzz workers). MLX_GEMMA_DEVICE=gpu make test tries the GPU.
+os.environ.setdefault("MLX_GEMMA_DEVICE", "cpu")
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+
+from mlx_gemma_qat.model.config import TextConfig  # noqa: E402
+from mlx_gemma_qat.model.text import Model  # noqa: E402
 
 
 def tiny_config(**kw) -> TextConfig:
@@ -60,6 +68,25 @@ def real_270m_exact(real_gguf, tmp_path_factory):
     from mlx_gemma_qat.convert import convert
 
     return convert(real_gguf, tmp_path_factory.mktemp("real") / "gemma3-270m-exact", q6k="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_gpl3_prefix(real_270m_exact):
+    """The exact-route real 270M, its tokenizer, the text token ids of the committed GPL-3 and a ``PromptCache``
+    of its first 599 tokens (BOS + 598 text tokens, past the sliding window of 512), prefilled once in chunks of
+    256 by ``cache_prompt`` (about a minute on 2 cores) for the tests that need a cache past the window. A
+    PromptCache is never changed: each use takes a copy (``make_cache``)."""
+    from pathlib import Path
+
+    from mlx_gemma_qat import load
+    from mlx_gemma_qat.prompt_cache import cache_prompt
+
+    model, tok = load(real_270m_exact)
+    ids = tok.encode((Path(__file__).parent / "fixtures" / "texts" / "GPL-3").read_text(encoding="utf-8"),
+                     add_special_tokens=False)
+    pc = cache_prompt(model, tok, tok.decode(ids[:598]), chat=False)
+    assert pc.tokens == [tok.bos_token_id] + ids[:598]
+    return model, tok, pc, ids
 
 
 @pytest.fixture(scope="session")

