@@ -8,10 +8,8 @@ each connection goes to, and can send one made up "public" address to the local 
 from __future__ import annotations
 
 import io
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -431,23 +429,16 @@ def test_the_message_is_the_same_whatever_happened(server):
 # --- TLS -------------------------------------------------------------------------------------------------
 
 def _self_signed(tmp_path):
-    """(cert, key) files for a certificate of ``localhost``, from the cryptography package or the openssl
-    command, whichever is here; skips the test when neither is."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        import datetime
+    """(cert, key) files for a certificate of ``localhost`` (the cryptography package: in the test extra, so
+    the same on every platform; macOS's LibreSSL command differs from OpenSSL's)."""
+    import datetime
 
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        if shutil.which("openssl") is None:
-            pytest.skip("neither the cryptography package nor the openssl command is here to make a certificate")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
-        return cert, key
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     k = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
