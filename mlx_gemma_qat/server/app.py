@@ -3,7 +3,7 @@
 Handlers (``openai_api``, ``ollama_api``) read a request, submit it to the ``Engine`` and turn its events
 into their API's answer. What both APIs share is here: the served model's description (``ModelCard``), the
 server's limits and access rules (``ServerOptions``; the middleware is in ``access.py``), reading a request
-under those limits (``ServerState.read``, ``prepare``, ``images``), the mapping of errors to answers (a refused
+under those limits (``ServerState.body``, ``prepare``, ``images``), the mapping of errors to answers (a refused
 request never stops the server; an unexpected failure is a 500 whose details go to the server's log only,
 never a hung connection), and reading a request's events until it ends or its client goes away.
 
@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..fetch import FetchPolicy
 from ..generate import ContextLengthError, context_limit
 from ..image import ImageError, ImageTooLarge
 from . import access, ollama_api, openai_api
@@ -67,7 +68,7 @@ class ServerOptions:
     bound_host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    fetch_policy: object = None
+    fetch_policy: FetchPolicy | None = None
     cross_client_reuse: bool = True
 
     def __post_init__(self):
