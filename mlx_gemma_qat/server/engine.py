@@ -37,8 +37,8 @@ from ..generate import ContextLengthError, chunk_bounds, context_limit, image_to
 from ..image import normalize, resized
 from ..model.cache import check_kv_quantization
 from ..model.multimodal import image_groups
-from .reuse import CachePool, default_cache_bytes, prompt_key
 from ..stop_strings import StopStrings
+from .reuse import CachePool, default_cache_bytes, prompt_key
 from .sampling import Sampler, SamplingParams
 
 __all__ = ["Engine", "Handle", "Event", "Usage", "SamplingParams", "RequestError", "ContextLengthError", "QueueFull"]
