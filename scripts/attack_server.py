@@ -93,8 +93,8 @@ def raw_status(port: int, head: str, body_chunks=(), timeout: float = 30.0) -> s
         return line.split(" ", 2)[1] if line else "no answer"
 
 
-def attacks(url: str, port: int) -> list[tuple[str, int, object]]:
-    """(name, expected status, how to send it) for each hostile request."""
+def attacks(url: str, port: int, context: int) -> list[tuple[str, int, object]]:
+    """(name, expected status, how to send it) for each hostile request (``context``: the model's, in tokens)."""
     json_head = "Host: 127.0.0.1\nContent-Type: application/json\n"
     tiny = _data_url(_png(1, 1))
     many = [{"type": "image_url", "image_url": {"url": tiny}}] * 40
@@ -127,7 +127,7 @@ def attacks(url: str, port: int) -> list[tuple[str, int, object]]:
             {"type": "image_url", "image_url": {"url": bomb}}]}]})),
         ("image URL to the cloud-metadata address", 400, post({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]}]})),
-        ("prompt past the context", 400, post({"prompt": "word " * 5000}, path="/v1/completions")),
+        ("prompt past the context", 400, post({"prompt": "word " * (context + 16)}, path="/v1/completions")),
     ]
 
 
@@ -197,9 +197,13 @@ def main() -> int:
         before = httpx.post(url + "/v1/chat/completions", json=normal, timeout=120).json()["choices"][0]["message"]
         base = mem.reset()
         rows, ok = [], True
-        for name, want, send in attacks(url, port):
+        context = httpx.post(url + "/api/show", json={}, timeout=60).json()["model_info"]["gemma3.context_length"]
+        for name, want, send in attacks(url, port, context):
             t = time.perf_counter()
-            got = send()
+            try:
+                got = send()
+            except httpx.HTTPError as e:
+                got = type(e).__name__
             dt = time.perf_counter() - t
             good = got == want and dt < FAST
             ok &= good
