@@ -1,5 +1,5 @@
 """The public text the real-weights tests and scripts read (tests/fixtures/texts/GPL-3) is the very file the committed
-references were made from: Debian's /usr/share/common-licenses/GPL-3, byte for byte."""
+references were made from: the GPL-3 text Debian ships in its system licence folder, byte for byte (not read: absent on a Mac)."""
 
 import hashlib
 import json
