@@ -240,7 +240,10 @@ class Engine:
     def has_room(self) -> bool:
         """Whether a request submitted now would be queued rather than refused."""
         with self._cv:
-            return len(self._inbox) + len(self._active) < self.parallel + self.max_queue
+            return self._room()
+
+    def _room(self) -> bool:  # under self._cv
+        return len(self._inbox) + len(self._active) < self.parallel + self.max_queue
 
     def submit(self, ids: list[int], params: SamplingParams, pixels: np.ndarray | None = None, *,
                owner: str = "") -> Handle:
@@ -267,7 +270,7 @@ class Engine:
         with self._cv:
             if not self._running:
                 raise RuntimeError("the engine is not running")
-            if len(self._inbox) + len(self._active) >= self.parallel + self.max_queue:
+            if not self._room():
                 raise QueueFull(f"the server is busy ({self.parallel} requests running, {self.max_queue} waiting)")
             self._inbox.append(req)
             self._cv.notify()
