@@ -147,8 +147,19 @@ class _CancellingStream(StreamingResponse):
     the request has finished)."""
 
     def __init__(self, handle, chunks, media_type: str):
-        super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        super().__init__(self._then_cancel(handle, chunks), media_type=media_type,
+                         headers={"Cache-Control": "no-cache"})
         self.handle = handle
+
+    @staticmethod
+    async def _then_cancel(handle, chunks):
+        """The chunks, the request cancelled once they end: before the stream's end is sent, so a client
+        that has read the whole stream finds its request already cancelled."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            handle.cancel()
 
     async def __call__(self, scope, receive, send) -> None:
         try:
