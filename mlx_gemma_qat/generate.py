@@ -85,12 +85,18 @@ def generate_step(
     groups: mx.array | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    matcher=None,
 ) -> Iterator[tuple[int, mx.array]]:
-    """Yield (token, logprobs) pairs, one per decode step (``kv_bits``: quantize a cache made here)."""
+    """Yield (token, logprobs) pairs, one per decode step (``kv_bits``: quantize a cache made here).
+
+    ``matcher`` (a ``constrain.Matcher``): every token is sampled from the logits it masks (the log-probabilities
+    yielded are those of the masked distribution); the next mask is computed while the model runs."""
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     cache = cache if cache is not None else model.make_cache(kv_bits, kv_group_size)
 
     def pick(logits):
+        if matcher is not None:
+            logits = matcher.apply(logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
@@ -100,7 +106,11 @@ def generate_step(
         on_prefill_done()
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            ny, nlp = pick(model(y[:, None], cache)[:, -1, :])
+            logits = model(y[:, None], cache)[:, -1, :]
+            if matcher is not None:
+                mx.async_eval(logits)  # the forward runs while the matcher takes y and computes the next mask
+                matcher.consume(int(y.item()))
+            ny, nlp = pick(logits)
             mx.async_eval(ny, nlp)
         yield int(y.item()), lp[0]
         if n + 1 < max_tokens:
@@ -227,6 +237,11 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     prompt_cache=None,
+    json_schema=None,
+    json: bool = False,
+    regex: str | None = None,
+    grammar: str | None = None,
+    constraint=None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``prompt`` is text (chat template applied if ``chat``), token ids, or a list of
     chat messages ({"role", "content"}; content a string or items {"type": "text", "text": ...} and
@@ -242,7 +257,21 @@ def stream_generate(
     continuation of the cached text, or a full prompt starting with it; in chat mode the user message after
     the cached system text); only the tokens after the prefix are prefilled. A loaded PromptCache is never
     changed, so it can be reused. With ``kv_bits`` given, the file must hold that quantization.
+
+    Constrained output (``constrain.py``), at most one of: ``json_schema`` (a dict or JSON text), ``json=True``
+    (any JSON object), ``regex`` (the whole output matches it), ``grammar`` (a Lark grammar in llguidance's
+    dialect), or ``constraint``, one compiled by ``constrain.compile_constraint`` (build it once, reuse it). The
+    output is then a valid prefix of the language at every token and ends with "stop" only when it is complete;
+    the grammar decides where it ends, so stop strings cannot be given with a constraint.
     """
+    from .constrain import ConstraintError, compile_constraint, logits_width
+
+    compiled = compile_constraint(json_schema=json_schema, json=json, regex=regex, grammar=grammar)
+    if compiled is not None and constraint is not None:
+        raise ConstraintError("give either constraint= or one of json_schema=, json=, regex=, grammar=")
+    constraint = constraint or compiled
+    if constraint is not None and stop_strings:
+        raise ConstraintError("stop strings cannot be given with a constraint: the grammar decides where the output ends")
     if seed is not None:
         mx.random.seed(seed)
     if cache is None and prompt_cache is None:
@@ -308,6 +337,7 @@ def stream_generate(
     steps = generate_step(
         mx.array(ids), model, max_tokens=max_tokens, sampler=sampler, cache=cache,
         prefill_step_size=prefill_step_size, on_prefill_done=prefill_done, embeddings=embeddings, groups=groups,
+        matcher=None if constraint is None else constraint.matcher(tokenizer, logits_width(model)),
     )
     stops = StopStrings(stop_strings or [])
     n, token, finish, text = 0, None, None, ""
