@@ -140,15 +140,41 @@ def eos_ids(tokenizer) -> list[int]:
 def ll_tokenizer(tokenizer):
     """llguidance's ``LLTokenizer`` for ``tokenizer`` (an mlx-lm ``TokenizerWrapper`` or a fast transformers
     tokenizer), ending on every one of its eos ids; built once per tokenizer."""
-    import llguidance.hf
+    import llguidance
 
     hf = _hf_tokenizer(tokenizer)
     with _LL_LOCK:
         found = _LL_TOKENIZERS.get(hf)
         if found is None:
-            found = llguidance.hf.from_tokenizer(hf, eos_token=eos_ids(tokenizer))
+            found = llguidance.LLTokenizer(_ll_tokenizer_json(hf), eos_token=eos_ids(tokenizer))
             _LL_TOKENIZERS[hf] = found
     return found
+
+
+def _ll_tokenizer_json(hf) -> str:
+    """The tokenizer's JSON as ``llguidance.hf.from_tokenizer`` passes it, less the added pieces that are text.
+
+    llguidance takes every added piece spelled "<...>" for a special token, the ones the tokenizer calls
+    normal text too (Gemma's <b>, <table>, <start_of_image>...): its trie then never matches them against text,
+    yet its tokenization of the text a grammar forces (the Hugging Face tokenizer's, which splits added pieces
+    off) picks them, so it would force such a piece by mask and then refuse it (a grammar or enum containing
+    "<b>" failed mid-generation). Left as plain vocabulary pieces (each is one already, same id) they are the
+    text they decode to, for both."""
+    from copy import copy
+
+    backend = copy(hf.backend_tokenizer if hasattr(hf, "backend_tokenizer") else hf)
+    backend.no_padding()
+    backend.no_truncation()
+    data = _json.loads(backend.to_str())
+    vocab = data.get("model", {}).get("vocab")
+    if not isinstance(vocab, dict):  # not a BPE/WordPiece model: llguidance reads it as it is
+        return _json.dumps(data)
+    data["added_tokens"] = [
+        t for t in data.get("added_tokens", [])
+        if t.get("special") or not (t["content"].startswith("<") and t["content"].endswith(">"))
+        or vocab.get(t["content"]) != t["id"]
+    ]
+    return _json.dumps(data, ensure_ascii=False)
 
 
 def token_bytes(tokenizer) -> list[bytes | None]:

@@ -1,0 +1,382 @@
+"""Constrained decoding (constrain.py) against references written elsewhere: llguidance's tokenizer against the
+Hugging Face tokenizers' own decode, every mask against a brute force over the whole vocabulary (Python's
+``regex`` module's partial matching, or the enumerated strings of a finite language), generated JSON against
+the ``jsonschema`` package."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma_qat.constrain import (
+    JSON_OPTIONS,
+    Constraint,
+    ConstraintError,
+    compile_constraint,
+    ll_tokenizer,
+    token_bytes,
+)
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny Gemma 3 (random weights, 512 logits) converted as-is, and its 513-piece SentencePiece-style
+    tokenizer (single characters, the 256 <0xNN> byte pieces, <unusedN>/<extraN> pieces; eos ids 1 and 106)."""
+    from mlx_gemma_qat import load
+    from mlx_gemma_qat.convert import convert
+
+    folder = convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("constrain") / "m", mode="none", progress=False)
+    return load(folder)
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory):
+    """The GGUF-rebuilt BPE tokenizer of tests/test_tokenizer_gpt2.py (Gemma 3's 262,144 pieces with llama.cpp's
+    merges), written as a model folder's tokenizer files and loaded by mlx-lm as a model's would be (~15 s)."""
+    import hashlib
+    import lzma
+
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_qat.convert.tokenizer import eos_token_ids, special_token_ids, tokenizer_from_gguf, write_tokenizer_files
+
+    meta = json.loads((FIX / "gpt2_tokenizer_cases.json").read_text(encoding="utf-8"))["meta"]
+    raw = lzma.decompress((FIX / meta["gguf"]).read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == meta["gguf_sha256"]
+    work = tmp_path_factory.mktemp("constrain-bpe")
+    (work / "t.gguf").write_bytes(raw)
+    tk = tokenizer_from_gguf(work / "t.gguf")
+    write_tokenizer_files(work / "tok", tk, **special_token_ids(work / "t.gguf"))
+    return load_tokenizer(work / "tok", eos_token_ids=eos_token_ids(tk))
+
+
+def _hf(tok):
+    return getattr(tok, "_tokenizer", tok)
+
+
+# -- a. token bytes ---------------------------------------------------------------------------------------
+
+
+def check_token_bytes(tok, n_random: int = 400):
+    """llguidance's bytes of every text token are ``token_bytes``'s, and ``token_bytes`` joined over random
+    token sequences is what the Hugging Face tokenizer decodes them to."""
+    tb = token_bytes(tok)
+    llt = ll_tokenizer(tok)
+    hf = _hf(tok)
+    assert len(tb) == llt.vocab_size == len(hf)
+    special = [i for i, b in enumerate(tb) if b is None]
+    assert set(special) >= set(tok.eos_token_ids) | {tok.bos_token_id}
+    differ = [i for i, b in enumerate(tb) if b is not None and llt.decode_bytes([i]) != b]
+    # One exception, on every Gemma vocabulary: the byte piece <0xFF>. llguidance's token trie marks special
+    # tokens with a leading 0xFF byte, so a token whose bytes are exactly b"\xff" reads as an (empty) special
+    # token: it decodes to b"" and is never allowed. No harm: 0xFF never occurs in UTF-8, so no text a
+    # constraint accepts (llguidance's grammars are over UTF-8 text) could use it.
+    assert differ == [hf.convert_tokens_to_ids("<0xFF>")] and tb[differ[0]] == b"\xff"
+    assert llt.decode_bytes(differ) == b"" and llt.is_special_token(differ[0])
+    # else llguidance's special tokens (never text) are the tokenizer's (see test_added_text_pieces_are_text)
+    assert [i for i in range(len(tb)) if llt.is_special_token(i)] == sorted(special + differ)
+
+    # joined bytes against the tokenizer's own decode; pieces drawn mostly from the non-byte ones so that most
+    # sequences are valid UTF-8 (a byte piece alone is often not)
+    text_ids = [i for i, b in enumerate(tb) if b is not None]
+    byte_ids = [i for i in text_ids if hf.convert_ids_to_tokens(i).startswith("<0x")]
+    other_ids = sorted(set(text_ids) - set(byte_ids))
+    assert len(byte_ids) == 256
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(n_random):
+        seq = [rng.choice(byte_ids if rng.random() < 0.15 else other_ids) for _ in range(rng.randint(1, 16))]
+        try:
+            text = b"".join(tb[i] for i in seq).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        assert hf.decode(seq, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text, seq
+        checked += 1
+    assert checked > n_random // 3
+    # and over the ids the tokenizer itself gives text with multi-byte characters (byte fallback on the tiny one)
+    for text in ["héllo wörld", "naïve café ☕ 日本語", " two  spaces\nand\ttabs", "emoji 🦙 <b>bold</b>"]:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert b"".join(tb[i] for i in ids) == text.encode("utf-8")
+    return tb, llt
+
+
+def test_token_bytes_tiny(tiny):
+    _, tok = tiny
+    tb, _ = check_token_bytes(tok)
+    assert len(tb) == 513
+
+
+def test_token_bytes_gguf_bpe(bpe_tok):
+    tb, llt = check_token_bytes(bpe_tok)
+    assert len(tb) == 262144 and b"".join(tb[i] for i in bpe_tok.encode("{\"", add_special_tokens=False)) == b'{"'
+
+
+@pytest.mark.real
+def test_token_bytes_real_270m(real_270m):
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_gemma_qat.model.load import read_config
+
+    eos = read_config(real_270m).get("eos_token_id")
+    tok = load_tokenizer(real_270m, eos_token_ids=eos if isinstance(eos, list) else None)
+    tb, _ = check_token_bytes(tok)
+    assert len(tb) == 262144
+
+
+# -- b. every mask against a brute force -------------------------------------------------------------------
+
+
+def all_prefixes(language) -> set[bytes]:
+    return {s[:k] for s in language for k in range(len(s) + 1)}
+
+
+class Finite:
+    """A finite language (its strings' UTF-8 bytes), enumerated independently of llguidance."""
+
+    def __init__(self, strings):
+        self.language = {s.encode("utf-8") for s in strings}
+        self.prefixes = all_prefixes(self.language)
+
+    def valid_prefix(self, b: bytes) -> bool:
+        return b in self.prefixes
+
+    def complete(self, b: bytes) -> bool:
+        return b in self.language
+
+
+class PartialRegex:
+    """An infinite language: Python's ``regex`` module's partial matching on bytes decides prefixes."""
+
+    def __init__(self, pattern: bytes):
+        regex = pytest.importorskip("regex")
+        self.rx = regex.compile(pattern)
+
+    def valid_prefix(self, b: bytes) -> bool:
+        return self.rx.fullmatch(b, partial=True) is not None
+
+    def complete(self, b: bytes) -> bool:
+        m = self.rx.fullmatch(b, partial=True)
+        return m is not None and not m.partial
+
+
+def brute_force(tb, out: bytes, lang, eos, width: int) -> set[int]:
+    """Every token whose bytes keep ``out`` a valid prefix of the language, and the eos ids when ``out`` is
+    complete. Special tokens (None) are never text; an empty token would never be allowed by llguidance
+    (none of these tokenizers has one)."""
+    allowed = {t for t in range(width) if tb[t] and lang.valid_prefix(out + tb[t])}
+    return allowed | (set(eos) if lang.complete(out) else set())
+
+
+def forced_bytes(lang, out: bytes) -> bytes:
+    """The bytes the language forces after ``out``: while it is incomplete and exactly one next byte is valid."""
+    forced = b""
+    while not lang.complete(out + forced):
+        nxt = [b for b in range(256) if lang.valid_prefix(out + forced + bytes([b]))]
+        if len(nxt) != 1:
+            break
+        forced += bytes(nxt)
+    return forced
+
+
+def check_mask(tok, lang, out: bytes, got: set[int], want: set[int]) -> None:
+    """``got`` (the matcher's mask after ``out``) against ``want`` (the brute force).
+
+    Never a token outside the brute force. Where the language lets more than one byte come next, exactly the
+    brute force. Where it forces the next bytes (a JSON key, the rest of "maybe"), llguidance may instead allow
+    one token only, the first of the tokenizer's own (canonical) tokenization of the forced text (its
+    "fast-forward token forced by mask", so a forced key is written in the pieces the model was trained on,
+    not spelled with byte pieces): that is checked against the Hugging Face tokenizer's encode. It does so
+    when that first token is fixed whatever follows; else (the forced text is one piece that could grow into
+    a longer one, or it ends inside a UTF-8 character) its mask is the brute force."""
+    assert got <= want, (out, sorted(got - want)[:10])
+    forced = forced_bytes(lang, out)
+    if got == want:
+        return
+    assert forced, (out, sorted(want - got)[:10])
+    first = _hf(tok).encode(forced.decode("utf-8"), add_special_tokens=False)[0]
+    assert got == {first}, (out, forced, sorted(got)[:10], first)
+
+
+def walk(constraint, tok, lang, *, width, walks, max_steps, seed=0):
+    """Random walks through the matcher (random allowed tokens; eos sometimes where allowed): every mask
+    checked against the brute force over all ``width`` ids. Returns the completed outputs and how many steps
+    were forced to one canonical token."""
+    tb = token_bytes(tok)
+    eos = sorted(tok.eos_token_ids)
+    rng = random.Random(seed)
+    ends, steps, single = [], 0, 0
+    for _ in range(walks):
+        m = constraint.matcher(tok, width)
+        out = b""
+        for _ in range(max_steps):
+            got = set(m.allowed().tolist())
+            want = brute_force(tb, out, lang, eos, width)
+            check_mask(tok, lang, out, got, want)
+            single += got != want
+            steps += 1
+            assert m.accepting == lang.complete(out)
+            text = sorted(got - set(eos))
+            if not text or (m.accepting and rng.random() < 0.25):
+                t = rng.choice(eos)
+                m.consume(t)
+                assert m.done and m.allowed().tolist() == eos  # after eos only eos
+                ends.append(out)
+                break
+            t = rng.choice(text)
+            m.consume(t)
+            out += tb[t]
+    assert steps > walks * 3
+    return ends, single
+
+
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "bleu", "é"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 12},
+        "tag": {"enum": [None, "x"]},
+    },
+    "required": ["ok", "color", "n"],
+    "additionalProperties": False,
+}
+
+
+def json_language() -> list[str]:
+    """Every serialization the schema allows in llguidance's compact form, written out by Python's json module
+    (constrain.JSON_OPTIONS sets its separators; properties in the schema's order)."""
+    assert (JSON_OPTIONS["item_separator"], JSON_OPTIONS["key_separator"]) == (", ", ": ")
+    out = []
+    for ok, color, n, tag in itertools.product([True, False], ["red", "green", "bleu", "é"], range(13),
+                                               ["absent", None, "x"]):
+        doc = {"ok": ok, "color": color, "n": n, **({} if tag == "absent" else {"tag": tag})}
+        out.append(json.dumps(doc, ensure_ascii=False))
+    return out
+
+
+GRAMMAR = r"""
+start: greet " " who "!"
+greet: "hi" | "hello"
+who: "bob" | "zoë" | "al" "ice"?
+"""
+
+CASES = {
+    # a finite regex, its language written out by hand
+    "regex-finite": (dict(regex=r"(yes|no|maybe)( sir| café)?\."),
+                     lambda: Finite(a + b + "." for a in ("yes", "no", "maybe") for b in ("", " sir", " café"))),
+    # an infinite one (y+), decided by the regex module's partial matching on bytes; "€" is three bytes, the
+    # tiny tokenizer spells it with byte pieces, none valid UTF-8 alone
+    "regex-partial": (dict(regex="[a-c]{2,4}(-[0-9]+)?|x€y+"),
+                      lambda: PartialRegex(rb"[a-c]{2,4}(-[0-9]+)?|x\xe2\x82\xacy+")),
+    "grammar": (dict(grammar=GRAMMAR),
+                lambda: Finite(g + " " + w + "!" for g in ("hi", "hello") for w in ("bob", "zoë", "al", "alice"))),
+    "json-schema": (dict(json_schema=JSON_SCHEMA), lambda: Finite(json_language())),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mask_is_the_brute_force_tiny(tiny, case):
+    """Every mask on random walks against the brute force over all 512 ids (see check_mask). The tiny pieces
+    are single characters or single bytes, so partial UTF-8 (é, ë, €: byte pieces, not UTF-8 alone) is allowed
+    exactly where the bytes so far lead on to a valid character: llguidance works on bytes, as the brute force
+    does. The special pieces (<pad>, <bos>, <start_of_turn>...) are never allowed; the eos ids (<eos> and
+    <end_of_turn>) both, exactly where the output is complete."""
+    model, tok = tiny
+    assert sorted(tok.eos_token_ids) == [1, 106]
+    kwargs, lang = CASES[case]
+    lang = lang()
+    ends, single = walk(compile_constraint(**kwargs), tok, lang, width=model.cfg.vocab_size, walks=25, max_steps=60)
+    assert ends and all(lang.complete(e) for e in ends)
+    if isinstance(lang, Finite):
+        assert len(set(ends)) > 5 and single > 0  # the walks went different ways, some through forced text
+    assert any(len(e.decode("utf-8")) < len(e) for e in ends)  # and some through multi-byte characters
+
+
+def test_mask_is_the_brute_force_gguf_bpe(bpe_tok):
+    """On Gemma 3's real vocabulary (262,144 pieces, many multi-character: '{"', ' true', '": '), walks through
+    the JSON schema and the grammar: every mask against the brute force over every piece (found from the
+    language's prefixes: the pieces whose bytes take the output to another prefix)."""
+    tb = token_bytes(bpe_tok)
+    by_bytes: dict[bytes, list[int]] = {}
+    for i, b in enumerate(tb):
+        if b:
+            by_bytes.setdefault(b, []).append(i)
+    eos = sorted(bpe_tok.eos_token_ids)
+    rng = random.Random(1)
+    multi = single = 0
+    for case in ("json-schema", "grammar"):
+        kwargs, lang = CASES[case]
+        lang = lang()
+        c = compile_constraint(**kwargs)
+        for _ in range(4):
+            m = c.matcher(bpe_tok, len(tb))
+            out = b""
+            while True:
+                want = {i for p in lang.prefixes if len(p) > len(out) and p.startswith(out)
+                        for i in by_bytes.get(p[len(out):], [])}
+                want |= set(eos) if lang.complete(out) else set()
+                got = set(m.allowed().tolist())
+                check_mask(bpe_tok, lang, out, got, want)
+                single += got != want
+                text = sorted(got - set(eos))
+                if not text:
+                    break
+                t = rng.choice(text)
+                multi += len(tb[t]) > 1
+                m.consume(t)
+                out += tb[t]
+            assert lang.complete(out) and got == set(eos)
+    assert multi > 0 and single > 0
+
+
+def test_added_text_pieces_are_text(tiny, bpe_tok):
+    """Gemma's tokenizers add pieces spelled "<...>" that are text, not special (<b>, </b>, <table>,
+    <start_of_image> on the real vocabulary; <extra459>... on the tiny one). llguidance takes every added
+    "<...>" piece for a special token unless told otherwise; then a grammar that forced such text (here
+    "<b>", or an enum value "<table>") had llguidance force that piece by mask and refuse it when consumed, and
+    the generation failed. ll_tokenizer gives llguidance those pieces as text: they are allowed where their
+    text fits, like any piece."""
+    tb = token_bytes(bpe_tok)
+    bold, close = (bpe_tok.convert_tokens_to_ids(p) for p in ("<b>", "</b>"))
+    # a free choice: the mask is the brute force, the added pieces <b> and </b> in it
+    m = compile_constraint(regex="[<>b/]+").matcher(bpe_tok, len(tb))
+    got = set(m.allowed().tolist())
+    assert got == {i for i, b in enumerate(tb) if b and set(b) <= set(b"<>b/")} and {bold, close} <= got
+    # forced text with added pieces in it, walked to the end through random allowed pieces
+    lang = PartialRegex(rb"<b>[a-z]{1,3}</b>")
+    eos = sorted(bpe_tok.eos_token_ids)
+    for seed in range(6):
+        rng = random.Random(seed)
+        m = compile_constraint(regex="<b>[a-z]{1,3}</b>").matcher(bpe_tok, len(tb))
+        out = b""
+        while not lang.complete(out):
+            got = set(m.allowed().tolist())
+            assert got and all(tb[t] and lang.valid_prefix(out + tb[t]) for t in got)  # within the brute force
+            t = rng.choice(sorted(got))
+            m.consume(t)
+            out += tb[t]
+        assert set(m.allowed().tolist()) == set(eos)
+    # the tokenizer's own pieces for that text are accepted too
+    m = compile_constraint(regex="<b>[a-z]{1,3}</b>").matcher(bpe_tok, len(tb))
+    for t in bpe_tok.encode("<b>abc</b>", add_special_tokens=False):
+        assert t in set(m.allowed().tolist()) or t in (bold, close)
+        m.consume(t)
+    assert m.accepting
+    # end to end on the tiny model: the generation completes
+    model, tok = tiny
+    from mlx_gemma_qat import stream_generate
+
+    rs = list(stream_generate(model, tok, "hi", 20, regex="<extra460>[a-z]!"))
+    text = "".join(r.text for r in rs)
+    assert rs[-1].finish_reason == "stop" and __import__("re").fullmatch("<extra460>[a-z]!", text), text
