@@ -122,6 +122,7 @@ def compile_constraint(*, json_schema=None, json: bool = False, regex: str | Non
 # -- the tokenizer llguidance reads ------------------------------------------------------------------------
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DIGIT_TOKENS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LL_LOCK = threading.Lock()
 
 
@@ -142,13 +143,24 @@ def ll_tokenizer(tokenizer):
     tokenizer), ending on every one of its eos ids; built once per tokenizer."""
     import llguidance
 
+    return _per_tokenizer(_LL_TOKENIZERS, tokenizer,
+                          lambda hf: llguidance.LLTokenizer(_ll_tokenizer_json(hf), eos_token=eos_ids(tokenizer)))
+
+
+def _per_tokenizer(cache, tokenizer, build):
+    """``build(hf tokenizer)``, made once per tokenizer and kept in ``cache`` while the tokenizer lives."""
     hf = _hf_tokenizer(tokenizer)
     with _LL_LOCK:
-        found = _LL_TOKENIZERS.get(hf)
+        found = cache.get(hf)
         if found is None:
-            found = llguidance.LLTokenizer(_ll_tokenizer_json(hf), eos_token=eos_ids(tokenizer))
-            _LL_TOKENIZERS[hf] = found
+            found = cache[hf] = build(hf)
     return found
+
+
+def digit_tokens(tokenizer) -> np.ndarray:
+    """The ids of the tokens whose text starts with an ASCII digit (they would lengthen a number)."""
+    return _per_tokenizer(_DIGIT_TOKENS, tokenizer, lambda hf: np.array(
+        [i for i, b in enumerate(token_bytes(tokenizer)) if b and 48 <= b[0] <= 57], np.int64))
 
 
 def _ll_tokenizer_json(hf) -> str:
@@ -221,6 +233,8 @@ class Matcher:
         self._words = np.zeros(max((llt.vocab_size + 31) // 32, (self.width + 31) // 32), np.int32)
         self._ll_words = (llt.vocab_size + 31) // 32
         self.tokens = 0  # consumed so far
+        self._llt = llt
+        self._digits = _NumberDigits(digit_tokens(tokenizer)) if constraint.kind in JSON_KINDS else None
 
     @property
     def accepting(self) -> bool:
@@ -239,6 +253,8 @@ class Matcher:
         self._m.unsafe_compute_mask_ptr(view.ctypes.data, view.nbytes)
         if self._m.is_error():
             raise ConstraintError(f"the constraint failed: {_first_lines(self._m.get_error())}")
+        if self._digits is not None:
+            self._digits.cap(words)
         return words
 
     def allowed(self) -> np.ndarray:
@@ -260,3 +276,47 @@ class Matcher:
         if not self._m.consume_token(int(token)):
             raise ConstraintError(f"the constraint rejected token {int(token)}: {_first_lines(self._m.get_error())}")
         self.tokens += 1
+        if self._digits is not None:
+            self._digits.feed(self._llt.decode_bytes([int(token)]))
+
+
+JSON_KINDS = ("json_schema", "json", "tools")
+MAX_NUMBER_DIGITS = 16  # per run of digits in a JSON number, as llama.cpp's JSON grammars cap them
+
+
+class _NumberDigits:
+    """Caps each run of digits of a JSON number (its integer part, its fraction, its exponent) at
+    ``MAX_NUMBER_DIGITS``, as llama.cpp's grammars do: JSON allows any number of digits, and a small model
+    writing 0.1000000... would otherwise fill max_tokens with zeros. Past the cap, tokens that start with a
+    digit are masked (the grammar then allows only what ends the run); digits inside strings are not counted.
+    A mask that the cap would leave empty is kept whole."""
+
+    def __init__(self, digit_ids: np.ndarray):
+        self.word = (digit_ids >> 5).astype(np.int64)
+        self.clear = ~(np.uint32(1) << (digit_ids & 31).astype(np.uint32))
+        self.in_string = self.escaped = False
+        self.run = 0
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif b == 0x5C:  # backslash
+                    self.escaped = True
+                elif b == 0x22:
+                    self.in_string = False
+            elif b == 0x22:
+                self.in_string, self.run = True, 0
+            elif 48 <= b <= 57:
+                self.run += 1
+            else:
+                self.run = 0
+
+    def cap(self, words: np.ndarray) -> None:
+        if self.in_string or self.run < MAX_NUMBER_DIGITS or not len(self.word):
+            return
+        capped = words.view(np.uint32).copy()
+        np.bitwise_and.at(capped, self.word, self.clear)
+        if capped.any():
+            words.view(np.uint32)[:] = capped

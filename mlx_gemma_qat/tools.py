@@ -329,7 +329,7 @@ def render_messages(messages: list[dict], tools: list[Tool], choice: ToolChoice)
             name = m.get("tool_name") or m.get("name") or names.get(m.get("tool_call_id"))
             _append(out, "user", _tool_result(name if isinstance(name, str) else None, m.get("content"), where))
         elif role == "user":
-            _append(out, "user", "" if m.get("content") is None else m["content"])
+            _append(out, "user", "" if m.get("content") is None else m["content"], m.get("images"))
         elif role in ("system", "developer"):
             out.append({"role": role, "content": m.get("content")})
         else:
@@ -343,12 +343,16 @@ def render_messages(messages: list[dict], tools: list[Tool], choice: ToolChoice)
     return out
 
 
-def _append(out: list[dict], role: str, content) -> None:
-    """A message added, or merged into the last one when that has the same role."""
+def _append(out: list[dict], role: str, content, images: list | None = None) -> None:
+    """A message added, or merged into the last one when that has the same role (Ollama's ``images`` of both
+    kept, in order)."""
     if out and out[-1].get("role") == role:
-        out[-1] = {**out[-1], "content": _join(out[-1]["content"], content, "\n\n")}
+        merged = {**out[-1], "content": _join(out[-1]["content"], content, "\n\n")}
+        if images:
+            merged["images"] = list(out[-1].get("images") or []) + list(images)
+        out[-1] = merged
     else:
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **({"images": images} if images else {})})
 
 
 def _join(a, b, sep: str):
