@@ -348,7 +348,7 @@ OPENAI_BAD = [
     ("messages not a list", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("content a number", "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
-    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "narrator", "content": "x"}]}, 400, "messages[0].role"),
     ("roles out of order", "/v1/chat/completions", {"messages": HI + HI}, 400, "messages"),
     ("late system message", "/v1/chat/completions", {"messages": HI + [{"role": "system", "content": "x"}]}, 400, "messages"),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-4", "messages": HI}, 404, "model"),

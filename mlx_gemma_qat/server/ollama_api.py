@@ -7,8 +7,9 @@ false`` gives the one final object with the whole text. A request with no prompt
 (chat) answers done at once with ``"done_reason": "load"``, which is how Ollama clients load a model.
 Sampling comes from ``options`` (temperature, top_p, top_k, min_p, seed, num_predict, stop; num_ctx and the
 others Ollama has are ignored: the context is the model's). Images are base64 strings. ``format`` ("json" or
-a JSON schema) constrains the output (``structured.py``); ``suffix`` and ``think`` are refused rather than
-ignored.
+a JSON schema) constrains the output (``structured.py``); chat takes ``tools`` and conversations with
+``tool_calls`` and ``tool`` results (``tools.py``), and answers calls as ``message.tool_calls``; ``suffix`` and
+``think`` are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from ..tools import CallStream, parse_reply
 from .engine import SamplingParams
 from .errors import public_error
 from .prompts import BadRequest, chat_ids, field, image_source, ollama_messages, stop_strings, text_ids
-from .structured import ollama_format
+from .structured import ToolUse, ollama_format, one_constraint, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -119,28 +121,37 @@ async def _run(request: Request, read, *, chat: bool):
     def prepare(body: dict):
         name = state.check_model(body, ollama=True)
         _refuse_unsupported(body)
-        reply = _Reply(name, chat=chat, started=started)
         prompt = read(state, body)
         if prompt is None:
-            return reply.loaded()
-        ids, images = prompt
-        constraint = ollama_format(body)
+            return _Reply(name, chat=chat, started=started).loaded()
+        use = prompt.tools
+        constraint = ollama_format(body) if use is None else one_constraint(ollama_format(body), use, "format")
+        reply = _Reply(name, chat=chat, started=started, tools=use.tools if use is not None and use.calling else None)
         params = _sampling(body, state.defaults, state.card.context)
-        return state.work(reply, ids, params, images, stream=field(body, "stream", bool, True),
+        return state.work(reply, prompt.ids, params, prompt.images, stream=field(body, "stream", bool, True),
                           constraint=constraint, param="format")
 
     work = await state.prepare(prepare, await state.body(request))
     return JSONResponse(work) if isinstance(work, dict) else await state.answer(request, work)
 
 
-def _chat_prompt(state, body: dict):
+@dataclass
+class _Prompt:
+    ids: list[int]
+    images: list
+    tools: ToolUse | None = None  # a chat's
+
+
+def _chat_prompt(state, body: dict) -> _Prompt | None:
     raw = field(body, "messages", list, [])
     if not raw:
         return None
-    messages, images = ollama_messages(raw)
+    use = tool_use(body, raw)
+    messages, images = ollama_messages(use.messages)
     state.check_images(images)
     engine = state.engine
-    return chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars), images
+    return _Prompt(chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars), images,
+                   use)
 
 
 def _generate_prompt(state, body: dict):
@@ -155,7 +166,7 @@ def _generate_prompt(state, body: dict):
     raw = field(body, "raw", bool, False)
     ids = text_ids(engine.model, engine.tokenizer, prompt, len(images), chat=False if raw else None,
                    system=None if raw else field(body, "system", str), max_chars=state.max_chars)
-    return ids, images
+    return _Prompt(ids, images)
 
 
 async def chat(request: Request):
@@ -171,36 +182,54 @@ class _Reply:
 
     media_type = "application/x-ndjson"
 
-    def __init__(self, model: str, *, chat: bool, started: float):
+    def __init__(self, model: str, *, chat: bool, started: float, tools: list | None = None):
         self.model, self.chat, self.started = model, chat, started
+        self.tools = tools  # a chat reply is read for calls of these
 
-    def piece(self, text: str, done: bool = False) -> dict:
+    def piece(self, text: str, done: bool = False, calls: list | None = None) -> dict:
+        """One object of the answer; ``calls``: tool calls it carries (Ollama's shape)."""
         out = {"model": self.model, "created_at": _time()}
-        out.update({"message": {"role": "assistant", "content": text}} if self.chat else {"response": text})
+        message = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+        out.update({"message": message} if self.chat else {"response": text})
         out["done"] = done
         return out
 
     def loaded(self) -> dict:
         return {**self.piece("", True), "done_reason": "load"}
 
-    def final(self, text: str, last) -> dict:
+    def final(self, text: str, last, calls: list | None = None) -> dict:
         u, ns = last.usage, 1e9
-        return {**self.piece(text, True), "done_reason": last.finish_reason,
+        return {**self.piece(text, True, calls), "done_reason": last.finish_reason,
                 "total_duration": int((time.perf_counter() - self.started) * ns), "load_duration": 0,
                 "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(u.prompt_s * ns),
                 "eval_count": u.completion_tokens, "eval_duration": int(u.generation_s * ns)}
 
     def whole(self, events: list) -> dict:
-        return self.final("".join(e.text for e in events), events[-1])
+        text = "".join(e.text for e in events)
+        if self.tools is None:
+            return self.final(text, events[-1])
+        reply = parse_reply(text, self.tools)
+        return self.final(reply.content or "", events[-1], [c.ollama() for c in reply.calls])
 
     async def stream(self, handle):
-        """The stream's lines; an error after the stream began ends it with an {"error"} line."""
+        """The stream's lines (a call in a line of its own once it is complete); an error after the stream began
+        ends it with an {"error"} line."""
+        calls = None if self.tools is None else CallStream(self.tools)
         try:
             async for e in handle.events():
-                if e.finish_reason is not None:
-                    yield json.dumps(self.final(e.text, e)) + "\n"
-                elif e.text:
-                    yield json.dumps(self.piece(e.text)) + "\n"
+                last = e.finish_reason is not None
+                if calls is None:
+                    text, found = e.text, []
+                else:
+                    items = calls.feed(e.text) + (calls.finish() if last else [])
+                    text = "".join(i.text for i in items if i.call is None)
+                    found = [i.call.ollama() for i in items if i.call is not None]
+                if found:
+                    yield json.dumps(self.piece("", calls=found)) + "\n"
+                if last:
+                    yield json.dumps(self.final(text, e)) + "\n"
+                elif text:
+                    yield json.dumps(self.piece(text)) + "\n"
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
             log.exception("generation failed mid-stream")
             yield json.dumps({"error": public_error(e)}) + "\n"

@@ -6,8 +6,10 @@ the last one the finish reason, and with ``stream_options.include_usage`` one mo
 carries the usage. Log-probabilities come in the chat shape (``logprobs``/``top_logprobs``:
 ``choices[0].logprobs.content``) or the legacy completions one (``logprobs: N``: tokens, token_logprobs,
 top_logprobs, text_offset). ``response_format`` (``json_object``, ``json_schema``) constrains the output on
-both endpoints (``structured.py``). One choice per request (``n`` > 1 is refused); tools, ``echo`` and
-``suffix`` are refused rather than ignored.
+both endpoints (``structured.py``). Chat takes ``tools``, ``tool_choice`` and ``parallel_tool_calls``, and
+conversations with calls and results (``tools.py``): calls come back as ``message.tool_calls`` (streamed as
+``delta.tool_calls``, each when it is complete) with ``finish_reason: "tool_calls"``. One choice per request
+(``n`` > 1 is refused); ``echo`` and ``suffix`` are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ..tools import CallStream, parse_reply
 from .engine import SamplingParams
 from .errors import public_error
 from .prompts import BadRequest, chat_ids, field, openai_messages, stop_strings, text_ids
-from .structured import response_format
+from .structured import one_constraint, response_format, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +61,19 @@ async def chat_completions(request: Request):
 
     def prepare(body: dict):
         model = state.check_model(body)
-        messages, images = openai_messages(field(body, "messages", list, required=True))
+        use = tool_use(body, field(body, "messages", list, required=True), choice=body.get("tool_choice"),
+                       parallel=field(body, "parallel_tool_calls", bool, True))
+        messages, images = openai_messages(use.messages)
         if not messages:
             raise BadRequest("'messages' must not be empty", param="messages")
         state.check_images(images)
-        if field(body, "tools", list):
-            raise BadRequest("tools are not supported", param="tools")
-        constraint = response_format(body)
+        constraint = one_constraint(response_format(body), use, "response_format")
         params = _sampling(body, state.defaults, chat=True)
         engine = state.engine
         ids = chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars)
-        return state.work(_Reply(model, engine.tokenizer, body, chat=True), ids, params, images, stream=_stream(body),
-                          constraint=constraint, param="response_format")
+        reply = _Reply(model, engine.tokenizer, body, chat=True, tools=use.tools if use.calling else None)
+        return state.work(reply, ids, params, images, stream=_stream(body), constraint=constraint,
+                          param="response_format")
 
     return await state.answer(request, await state.prepare(prepare, await state.body(request)))
 
@@ -135,8 +139,9 @@ class _Reply:
 
     media_type = "text/event-stream"
 
-    def __init__(self, model: str, tokenizer, body: dict, *, chat: bool):
+    def __init__(self, model: str, tokenizer, body: dict, *, chat: bool, tools: list | None = None):
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
+        self.tools = tools  # the reply is read for calls of these
         self.include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False,
                                    where="stream_options.")
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -147,11 +152,15 @@ class _Reply:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _choice(self, text: str | None, events: list, finish: str | None, *, chunk: bool) -> dict:
+    def _choice(self, text: str | None, events: list, finish: str | None, *, chunk: bool, calls: list | None = None,
+                ) -> dict:
+        """One choice; ``calls``: the tool calls it carries (OpenAI's shape, with their "index" in a chunk)."""
         logprobs = self._logprobs(events) if any(e.logprob is not None for e in events) else None
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-        content = {} if text is None else {"content": text}
+        content = {} if text is None and chunk else {"content": text}
+        if calls:
+            content["tool_calls"] = calls
         message = {"delta": content} if chunk else {"message": {"role": "assistant", **content}}
         return {"index": 0, **message, "logprobs": logprobs, "finish_reason": finish}
 
@@ -178,8 +187,12 @@ class _Reply:
 
     def whole(self, events: list) -> dict:
         last = events[-1]
-        text = "".join(e.text for e in events)
-        return {**self._head(False), "choices": [self._choice(text, events, last.finish_reason, chunk=False)],
+        text, finish, calls = "".join(e.text for e in events), last.finish_reason, None
+        if self.tools is not None:
+            reply = parse_reply(text, self.tools)
+            text, calls = reply.content, [c.openai() for c in reply.calls]
+            finish = "tool_calls" if calls and finish == "stop" else finish
+        return {**self._head(False), "choices": [self._choice(text, events, finish, chunk=False, calls=calls)],
                 "usage": _usage(last.usage)}
 
     async def stream(self, handle):
@@ -190,18 +203,34 @@ class _Reply:
         def data(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
-        def chunk(text, events, finish) -> str:
-            return data({**self._head(True), "choices": [self._choice(text, events, finish, chunk=True)], **extra})
+        def chunk(text, events, finish, calls=None) -> str:
+            return data({**self._head(True), "choices": [self._choice(text, events, finish, chunk=True, calls=calls)],
+                         **extra})
+
+        calls = None if self.tools is None else CallStream(self.tools)
+
+        def pieces(text: str, last: bool):
+            """(text, tool calls) deltas of new text: as it is, or read for calls."""
+            if calls is None:
+                return [(text, None)] if text else []
+            items = calls.feed(text) + (calls.finish() if last else [])
+            return [(i.text, None) if i.call is None else (None, [i.call.openai(index=i.index)]) for i in items]
 
         try:
             if self.chat:
                 yield data({**self._head(True), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                              "logprobs": None, "finish_reason": None}], **extra})
             async for e in handle.events():
-                if e.text or e.logprob is not None:
-                    yield chunk(e.text, [e], None)
+                found = pieces(e.text, e.finish_reason is not None)
+                for i, (text, call) in enumerate(found):
+                    yield chunk(text, [e] if i == 0 else [], None, call)
+                if not found and e.logprob is not None:
+                    yield chunk(None if self.chat else "", [e], None)
                 if e.finish_reason is not None:
-                    yield chunk(None if self.chat else "", [], e.finish_reason)
+                    finish = e.finish_reason
+                    if calls is not None and calls.calls and finish == "stop":
+                        finish = "tool_calls"
+                    yield chunk(None if self.chat else "", [], finish)
                     if include_usage:
                         yield data({**self._head(True), "choices": [], "usage": _usage(e.usage)})
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
