@@ -30,14 +30,19 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_folder(tmp_path_factory):
+    from mlx_gemma_qat.convert import convert
+
+    return convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("constrain") / "m", mode="none", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
     """The tiny Gemma 3 (random weights, 512 logits) converted as-is, and its 513-piece SentencePiece-style
     tokenizer (single characters, the 256 <0xNN> byte pieces, <unusedN>/<extraN> pieces; eos ids 1 and 106)."""
     from mlx_gemma_qat import load
-    from mlx_gemma_qat.convert import convert
 
-    folder = convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("constrain") / "m", mode="none", progress=False)
-    return load(folder)
+    return load(tiny_folder)
 
 
 @pytest.fixture(scope="module")
@@ -630,3 +635,77 @@ def test_a_constraint_serves_many_generations_and_chat_turns(tiny):
     rs = list(s.send("and again", max_tokens=60, constraint=c))
     assert rs[-1].finish_reason == "stop"  # within the tiny model's 256-token context
     jsonschema.validate(json.loads("".join(r.text for r in rs)), JSON_SCHEMA)
+
+
+# -- the command line --------------------------------------------------------------------------------------
+
+
+def _cli(*args, input=None):
+    from click.testing import CliRunner
+
+    from mlx_gemma_qat.cli import main
+
+    return CliRunner().invoke(main, list(map(str, args)), input=input)
+
+
+def _reply(r) -> str:
+    """The generated text of `generate --no-stats`: stdout less its final newline."""
+    assert r.exit_code == 0, r.output
+    return r.stdout[:-1] if r.stdout.endswith("\n") else r.stdout
+
+
+def test_cli_generate_constrained(tiny_folder, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    base = ["generate", "-m", tiny_folder, "-p", "hi", "-n", 60, "--no-stats"]
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(JSON_SCHEMA), encoding="utf-8")
+    for spec in (schema_file, json.dumps(JSON_SCHEMA)):
+        text = _reply(_cli(*base, "--json-schema", spec, "--temp", 5, "--seed", 1))
+        jsonschema.validate(json.loads(text), JSON_SCHEMA)
+    text = _reply(_cli(*base, "--regex", r"(yes|no|maybe)( sir| café)?\.", "--temp", 5, "--seed", 2))
+    assert text.encode() in CASES["regex-finite"][1]().language
+    grammar_file = tmp_path / "greet.lark"
+    grammar_file.write_text(GRAMMAR, encoding="utf-8")
+    text = _reply(_cli(*base, "--grammar", grammar_file, "--temp", 5, "--seed", 3))
+    assert text.encode() in CASES["grammar"][1]().language
+    text = _reply(_cli(*base[:-3], "-n", 8, "--no-stats", "--json"))
+    assert text.startswith("{")  # the random model rambles in a key: cut at 8 tokens
+
+
+def test_cli_chat_constrains_every_reply(tiny_folder):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = _cli("chat", "-m", tiny_folder, "-n", 60, "--json-schema", json.dumps(JSON_SCHEMA), "--temp", 5,
+             "--seed", 0, input="hi\nmore\n/quit\n")
+    assert r.exit_code == 0, r.output
+    replies = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(replies) == 2
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), JSON_SCHEMA)
+
+
+CLI_BAD = {
+    "unknown type": (["--json-schema", '{"type": "nonsense"}'], "invalid JSON schema: Invalid type: nonsense"),
+    "schema not an object": (["--json-schema", "[1]"], "a JSON schema must be an object, not list"),
+    "schema text not JSON": (["--json-schema", '{"type": '], "the JSON schema is not JSON"),
+    "no such schema file": (["--json-schema", "missing.json"], "--json-schema missing.json: no such file"),
+    "unsupported keyword": (["--json-schema", '{"if": {}, "then": {}}'], "Unimplemented keys"),
+    "regex": (["--regex", "(ab"], "invalid regex: .*unclosed group"),
+    "grammar file": (["--grammar", "BAD_GRAMMAR"], 'invalid grammar: .*unknown name: "foo"'),
+    "no such grammar file": (["--grammar", "missing.lark"], "--grammar missing.lark: no such file"),
+    "two constraints": (["--json", "--regex", "a"], "give one constraint, not --json and --regex"),
+}
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("case", list(CLI_BAD))
+def test_cli_bad_constraint_is_one_error_line(tmp_path, monkeypatch, command, case):
+    """One 'Error: ...' line, exit 1, before the model is loaded (--model names nothing that exists)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BAD_GRAMMAR").write_text("start: foo\n", encoding="utf-8")
+    args, message = CLI_BAD[case]
+    extra = ["-p", "hi"] if command == "generate" else []
+    r = _cli(command, "-m", tmp_path / "no-such-model", *extra, *args, input="hi\n")
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert __import__("re").search(message, lines[0]), lines[0]
