@@ -212,7 +212,8 @@ def logits_width(model) -> int:
 class Matcher:
     """One generation's state in a constraint: ``apply(logits)`` masks what the output cannot become next,
     ``consume(token)`` advances past a sampled token; ``accepting`` says whether the output so far is
-    complete. Not thread-safe: one generation drives it."""
+    complete. Not thread-safe: one generation drives it (it may be built on another thread: it holds no MLX
+    array)."""
 
     def __init__(self, constraint: Constraint, tokenizer, width: int):
         import llguidance
@@ -224,7 +225,6 @@ class Matcher:
         self.width = int(width)
         self._words = np.zeros(max((llt.vocab_size + 31) // 32, (self.width + 31) // 32), np.int32)
         self._ll_words = (llt.vocab_size + 31) // 32
-        self._shifts = mx.arange(32, dtype=mx.int32)
         self.tokens = 0  # consumed so far
 
     @property
@@ -254,7 +254,7 @@ class Matcher:
     def mask(self) -> mx.array:
         """(width,) bool: the tokens that keep the output a valid prefix (the eos ids where it is complete)."""
         words = mx.array(self.mask_words())
-        bits = (words[:, None] >> self._shifts) & 1
+        bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1  # made here: MLX arrays belong to a thread
         return bits.reshape(-1)[: self.width].astype(mx.bool_)
 
     def apply(self, logits: mx.array) -> mx.array:

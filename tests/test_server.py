@@ -329,6 +329,19 @@ def test_api_key(srv):
 PNG = base64.b64encode((FIX / "images" / "a.png").read_bytes()).decode()
 LONG = "word " * 60  # about 300 tokens: past the tiny models' 256-token context
 OPENAI_BAD = [
+    ("response_format of an unknown type", "/v1/chat/completions",
+     {"messages": HI, "response_format": {"type": "grammar"}}, 400, "response_format.type"),
+    ("json_schema without a name", "/v1/chat/completions",
+     {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, 400,
+     "response_format.json_schema.name"),
+    ("an invalid schema", "/v1/completions", {"prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "properties": {"a": {"type": 3}}}}}},
+     400, "response_format.json_schema.schema"),
+    ("a schema no JSON satisfies", "/v1/chat/completions", {"messages": HI, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}},
+     400, "response_format.json_schema.schema"),
+    ("json_object with stop strings", "/v1/chat/completions",
+     {"messages": HI, "stop": ["}"], "response_format": {"type": "json_object"}}, 400, "stop"),
     ("malformed JSON", "/v1/chat/completions", b'{"messages": [', 400, None),
     ("body not an object", "/v1/chat/completions", [1, 2], 400, None),
     ("missing messages", "/v1/chat/completions", {"model": "tiny-gemma"}, 400, "messages"),
@@ -374,7 +387,9 @@ OLLAMA_BAD = [
     ("prompt past the context", "/api/generate", {"prompt": LONG, "raw": True}, 400),
     ("undecodable base64", "/api/generate", {"prompt": "x", "images": ["%%%not base64%%%"]}, 400),
     ("file path image", "/api/chat", {"messages": [{"role": "user", "content": "x", "images": ["/etc/passwd"]}]}, 400),
-    ("structured output", "/api/chat", {"messages": HI, "format": "json"}, 400),
+    ("format not json or a schema", "/api/chat", {"messages": HI, "format": "xml"}, 400),
+    ("format an invalid schema", "/api/generate", {"prompt": "x", "format": {"type": "nonsense"}}, 400),
+    ("format with stop strings", "/api/chat", {"messages": HI, "format": "json", "options": {"stop": ["}"]}}, 400),
 ]
 
 

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..constrain import Constraint, ConstraintError, logits_width
 from ..fetch import FetchPolicy
 from ..generate import ContextLengthError, context_limit
 from ..image import ImageError, ImageTooLarge
@@ -178,6 +179,7 @@ class Work:
     params: SamplingParams
     images: list[ImageRef]
     stream: bool
+    matcher: object = None  # a constrain.Matcher when the output is constrained
 
 
 @dataclass
@@ -248,16 +250,28 @@ class ServerState:
             return ""
         return hashlib.sha256(request.headers.get("authorization", "").encode()).hexdigest()
 
-    def work(self, reply, ids: list[int], params: SamplingParams, images: list[ImageRef], *, stream: bool) -> Work:
+    def work(self, reply, ids: list[int], params: SamplingParams, images: list[ImageRef], *, stream: bool,
+             constraint: Constraint | None = None, param: str | None = None) -> Work:
         """The ``Work`` of a prepared request, once its prompt fits with its images (checked before they are
-        read)."""
+        read); with a ``constraint`` (from the request's field ``param``), its matcher is built here, off the event
+        loop."""
         self.engine.check_prompt(ids, len(images))
-        return Work(reply, ids, params, images, stream)
+        matcher = None
+        if constraint is not None:
+            if params.stop:
+                raise BadRequest("stop strings cannot be given with structured output: the grammar decides where "
+                                 "the output ends", param="stop")
+            engine = self.engine
+            try:
+                matcher = constraint.matcher(engine.tokenizer, logits_width(engine.model))
+            except ConstraintError as e:
+                raise BadRequest(str(e), param=param) from None
+        return Work(reply, ids, params, images, stream, matcher)
 
     async def answer(self, request: Request, work: Work) -> Response:
         """Read the work's images, submit it, and answer: streamed, or whole once done."""
         pixels = await self.images(work.images)
-        handle = self.engine.submit(work.ids, work.params, pixels, owner=self.owner(request))
+        handle = self.engine.submit(work.ids, work.params, pixels, owner=self.owner(request), matcher=work.matcher)
         if work.stream:
             return _CancellingStream(handle, work.reply.stream(handle), work.reply.media_type)
         return JSONResponse(work.reply.whole(await self._collect(request, handle)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import queue
 import threading
 import time
@@ -128,6 +129,7 @@ class _Request:
     params: SamplingParams
     max_tokens: int
     submitted: float
+    matcher: object = None  # a constrain.Matcher: the request's output is constrained
     sampler: Sampler = None
     cache: list | None = None
     cached: int = 0  # prompt tokens the cache held when the request started
@@ -246,15 +248,21 @@ class Engine:
         return len(self._inbox) + len(self._active) < self.parallel + self.max_queue
 
     def submit(self, ids: list[int], params: SamplingParams, pixels: np.ndarray | None = None, *,
-               owner: str = "") -> Handle:
+               owner: str = "", matcher=None) -> Handle:
         """Queue a request for ``ids`` (with its images' ``pixels`` from ``load_image`` for their image tokens);
         raises RequestError or ContextLengthError for one that cannot run, QueueFull when there is no room.
-        ``owner``: the request reuses and leaves kept caches only among requests of the same owner. Call it on
-        the event-loop thread that reads the events."""
+        ``owner``: the request reuses and leaves kept caches only among requests of the same owner. ``matcher``:
+        a fresh ``constrain.Matcher`` (``Constraint.matcher(tokenizer, logits_width(model))``, built off the event
+        loop: it can take a while) that constrains the output; it runs beside free requests in the same rounds.
+        Call it on the event-loop thread that reads the events."""
         try:
             params.check()
         except ValueError as e:
             raise RequestError(str(e)) from None
+        if matcher is not None and params.stop:
+            raise RequestError("stop strings cannot be given with a constraint: the grammar decides where the output ends")
+        if matcher is not None and matcher.tokens:
+            raise RequestError("a constraint's matcher serves one request: build a new one")
         ids = [int(i) for i in ids]
         n_images = 0 if pixels is None else len(pixels)
         self.check_prompt(ids, n_images)
@@ -266,7 +274,7 @@ class Engine:
         image_token = self._image_ids[2] if self.vision else None
         req = _Request(handle=handle, ids=ids, key=prompt_key(ids, pixels, image_token), pixels=pixels, owner=owner,
                        params=params, max_tokens=min(params.max_tokens, self.context - len(ids)),
-                       submitted=time.perf_counter())
+                       submitted=time.perf_counter(), matcher=matcher)
         with self._cv:
             if not self._running:
                 raise RuntimeError("the engine is not running")
@@ -325,9 +333,14 @@ class Engine:
             fn(rs)
         except Exception as e:  # noqa: BLE001 - reported to the request's client
             for r in rs:
-                r.handle._put(e)
-                if r in self._active:
-                    self._active.remove(r)
+                self._fail(r, e)
+
+    def _fail(self, r: _Request, e: Exception) -> None:
+        """End ``r`` with the error ``e`` (its cache is dropped)."""
+        r.handle._put(e)
+        r.cache = None
+        if r in self._active:
+            self._active.remove(r)
 
     def _admit(self, r: _Request) -> None:
         if r.handle.cancelled:
@@ -361,6 +374,8 @@ class Engine:
             mx.eval([c.state for c in r.cache])
             return
         logits = self.model.head(h[:, -1:, :])[:, -1, :]
+        if r.matcher is not None:
+            logits = r.matcher.apply(logits)
         r.embeddings = r.groups = None
         r.lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         r.y = r.sampler(r.lp)
@@ -375,10 +390,20 @@ class Engine:
             rows = [logits[i : i + 1] for i in range(len(going))]
         else:
             rows = [self.model(r.y[:, None], r.cache)[:, -1, :] for r in going]
+        if any(r.matcher is not None for r in going):
+            mx.async_eval(rows)  # the forward runs while each matcher takes its token and computes the next mask
         nexts = []
         for r, logits in zip(going, rows):
+            if r.matcher is not None:
+                try:
+                    r.matcher.consume(int(r.y.item()))
+                    logits = r.matcher.apply(logits)
+                except Exception as e:  # noqa: BLE001 - this request's constraint failed; the others go on
+                    self._fail(r, e)
+                    continue
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             nexts.append((r, r.sampler(lp), lp))
+        rs = [r for r in rs if r.cache is not None]
         mx.async_eval([x for _, y, lp in nexts for x in (y, lp)])
         for r in rs:
             self._emit(r)
@@ -397,7 +422,8 @@ class Engine:
             if r.params.top_logprobs:
                 idx = mx.argpartition(-lp, r.params.top_logprobs - 1)[: r.params.top_logprobs]
                 vals = lp[idx].tolist()
-                top = sorted(zip(idx.tolist(), vals), key=lambda t: -t[1])
+                top = sorted(((i, v) for i, v in zip(idx.tolist(), vals) if v > -math.inf), key=lambda t: -t[1])
+                # (a constraint's masked tokens have no probability: they are never offered)
         finish = None
         if token in self.eos:
             r.detok.finalize()

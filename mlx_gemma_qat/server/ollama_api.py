@@ -6,8 +6,9 @@ piece of text, then one ``"done": true`` with the finish reason and timings in n
 false`` gives the one final object with the whole text. A request with no prompt (generate) or no messages
 (chat) answers done at once with ``"done_reason": "load"``, which is how Ollama clients load a model.
 Sampling comes from ``options`` (temperature, top_p, top_k, min_p, seed, num_predict, stop; num_ctx and the
-others Ollama has are ignored: the context is the model's). Images are base64 strings. ``format`` (structured
-output), ``suffix`` and ``think`` are refused rather than ignored.
+others Ollama has are ignored: the context is the model's). Images are base64 strings. ``format`` ("json" or
+a JSON schema) constrains the output (``structured.py``); ``suffix`` and ``think`` are refused rather than
+ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.routing import Route
 from .engine import SamplingParams
 from .errors import public_error
 from .prompts import BadRequest, chat_ids, field, image_source, ollama_messages, stop_strings, text_ids
+from .structured import ollama_format
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,6 @@ async def show(request: Request) -> JSONResponse:
 
 
 def _refuse_unsupported(body: dict) -> None:
-    if body.get("format"):
-        raise BadRequest("format (structured output) is not supported")
     if field(body, "think", bool):
         raise BadRequest("this model does not support thinking")
 
@@ -124,8 +124,10 @@ async def _run(request: Request, read, *, chat: bool):
         if prompt is None:
             return reply.loaded()
         ids, images = prompt
+        constraint = ollama_format(body)
         params = _sampling(body, state.defaults, state.card.context)
-        return state.work(reply, ids, params, images, stream=field(body, "stream", bool, True))
+        return state.work(reply, ids, params, images, stream=field(body, "stream", bool, True),
+                          constraint=constraint, param="format")
 
     work = await state.prepare(prepare, await state.body(request))
     return JSONResponse(work) if isinstance(work, dict) else await state.answer(request, work)

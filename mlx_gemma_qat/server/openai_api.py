@@ -5,8 +5,9 @@ Answers come whole or, with ``"stream": true``, as server-sent events (``data: {
 the last one the finish reason, and with ``stream_options.include_usage`` one more chunk with no choices
 carries the usage. Log-probabilities come in the chat shape (``logprobs``/``top_logprobs``:
 ``choices[0].logprobs.content``) or the legacy completions one (``logprobs: N``: tokens, token_logprobs,
-top_logprobs, text_offset). One choice per request (``n`` > 1 is refused); tools, structured output,
-``echo`` and ``suffix`` are refused rather than ignored.
+top_logprobs, text_offset). ``response_format`` (``json_object``, ``json_schema``) constrains the output on
+both endpoints (``structured.py``). One choice per request (``n`` > 1 is refused); tools, ``echo`` and
+``suffix`` are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.routing import Route
 from .engine import SamplingParams
 from .errors import public_error
 from .prompts import BadRequest, chat_ids, field, openai_messages, stop_strings, text_ids
+from .structured import response_format
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,12 @@ async def chat_completions(request: Request):
         state.check_images(images)
         if field(body, "tools", list):
             raise BadRequest("tools are not supported", param="tools")
-        kind = field(field(body, "response_format", dict, {}), "type", str, "text", where="response_format.")
-        if kind != "text":
-            raise BadRequest(f"response_format {kind!r} is not supported (text is)", param="response_format")
+        constraint = response_format(body)
         params = _sampling(body, state.defaults, chat=True)
         engine = state.engine
         ids = chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars)
-        return state.work(_Reply(model, engine.tokenizer, body, chat=True), ids, params, images, stream=_stream(body))
+        return state.work(_Reply(model, engine.tokenizer, body, chat=True), ids, params, images, stream=_stream(body),
+                          constraint=constraint, param="response_format")
 
     return await state.answer(request, await state.prepare(prepare, await state.body(request)))
 
@@ -87,10 +88,12 @@ async def completions(request: Request):
             raise BadRequest("echo is not supported", param="echo")
         if field(body, "suffix", str):
             raise BadRequest("suffix is not supported", param="suffix")
+        constraint = response_format(body)
         params = _sampling(body, state.defaults, chat=False)
         engine = state.engine
         ids = text_ids(engine.model, engine.tokenizer, prompt, max_chars=state.max_chars)
-        return state.work(_Reply(model, engine.tokenizer, body, chat=False), ids, params, [], stream=_stream(body))
+        return state.work(_Reply(model, engine.tokenizer, body, chat=False), ids, params, [], stream=_stream(body),
+                          constraint=constraint, param="response_format")
 
     return await state.answer(request, await state.prepare(prepare, await state.body(request)))
 
