@@ -39,6 +39,60 @@ def _widen_option(fn):
              "(default: on with float32 compute, i.e. the CPU; --no-widen keeps the file's precision).")(fn)
 
 
+def _constraint_options(fn):
+    fn = click.option("--grammar", "grammar_file", default=None, metavar="FILE",
+                      help="Constrain the output to a Lark grammar (llguidance's dialect, starting at `start`) "
+                           "read from FILE.")(fn)
+    fn = click.option("--regex", default=None, metavar="R",
+                      help="Constrain the output to match the regex R whole (Rust syntax: no look-around or "
+                           "back-references).")(fn)
+    fn = click.option("--json", "json_object", is_flag=True, help="Constrain the output to a JSON object.")(fn)
+    return click.option("--json-schema", default=None, metavar="FILE_OR_JSON",
+                         help="Constrain the output to JSON valid under this schema: a .json file or the schema's "
+                              "JSON text. The output ends where the constraint is complete.")(fn)
+
+
+def _constraint(json_schema, json_object, regex, grammar_file):
+    """The compiled constraint of the --json-schema/--json/--regex/--grammar options (None without one); a bad
+    one raises ConstraintError (a ValueError: one 'Error: ...' line). Cheap: done before the model loads."""
+    import json
+    from pathlib import Path
+
+    from .constrain import ConstraintError, compile_constraint
+
+    given = [name for name, v in (("--json-schema", json_schema), ("--json", json_object or None), ("--regex", regex),
+                                  ("--grammar", grammar_file)) if v is not None]
+    if len(given) > 1:
+        raise ConstraintError(f"give one constraint, not {' and '.join(given)}")
+    if json_schema is not None and not json_schema.lstrip().startswith(("{", "[")):
+        path = Path(json_schema).expanduser()
+        if path.is_file():
+            json_schema = _read_text(path, "--json-schema")
+        else:
+            try:
+                json.loads(json_schema)  # other JSON text (true, 3): compile_constraint says what is wrong with it
+            except ValueError:
+                raise ConstraintError(f"--json-schema {json_schema}: no such file, and not JSON text") from None
+    grammar = None
+    if grammar_file is not None:
+        path = Path(grammar_file).expanduser()
+        if not path.is_file():
+            raise ConstraintError(f"--grammar {grammar_file}: no such file")
+        grammar = _read_text(path, "--grammar")
+    return compile_constraint(json_schema=json_schema, json=json_object, regex=regex, grammar=grammar)
+
+
+def _read_text(path, option: str) -> str:
+    from .constrain import MAX_CONSTRAINT_CHARS, ConstraintError
+
+    if path.stat().st_size > 4 * MAX_CONSTRAINT_CHARS:
+        raise ConstraintError(f"{option} {path}: {path.stat().st_size:,} bytes, too large")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConstraintError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _adapter_option(fn):
     return click.option("--adapter-path", type=click.Path(file_okay=False), default=None,
                         help="Run with a LoRA adapter folder made by `mlx-gemma lora` (checked against the model).")(fn)
@@ -105,15 +159,18 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
                    "the cached text is the system part and --prompt the user message. Only the tokens after the "
                    "cached prefix are prefilled.")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
+@_constraint_options
 @_widen_option
 @_adapter_option
 @_clean_errors
 def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
-             prefill_step, kv_bits, kv_group_size, prompt_cache, stats, widen, adapter_path):
+             prefill_step, kv_bits, kv_group_size, prompt_cache, stats, json_schema, json_object, regex, grammar_file,
+             widen, adapter_path):
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import format_stats, stream_generate
 
+    constraint = _constraint(json_schema, json_object, regex, grammar_file)
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
@@ -121,7 +178,7 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 seed=seed, chat=chat, system=system, images=list(images) or None, pan_and_scan=pan_and_scan,
                                 prefill_step_size=prefill_step, kv_bits=kv_bits, kv_group_size=int(kv_group_size),
-                                prompt_cache=prompt_cache):
+                                prompt_cache=prompt_cache, constraint=constraint):
         click.echo(last.text, nl=False)
     click.echo()
     if stats and last is not None:
@@ -145,19 +202,22 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
 @_kv_options
 @click.option("--stats", is_flag=True, help="Print prompt/decode speed and cache use after each reply.")
+@_constraint_options
 @_widen_option
 @_adapter_option
 @_clean_errors
 def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, kv_bits,
-         kv_group_size, stats, widen, adapter_path):
+         kv_group_size, stats, json_schema, json_object, regex, grammar_file, widen, adapter_path):
     """Chat in the terminal; the KV cache carries over between turns.
 
     Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
+    A constraint (--json-schema, --json, --regex, --grammar) applies to every reply.
     """
     from . import load
     from .chat import ChatSession
     from .generate import format_stats
 
+    constraint = _constraint(json_schema, json_object, regex, grammar_file)
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size))
@@ -188,7 +248,8 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
             continue
         try:
             last = None
-            for last in session.send(text, pending, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p):
+            for last in session.send(text, pending, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                     constraint=constraint):
                 click.echo(last.text, nl=False)
             click.echo()
             pending = []

@@ -65,8 +65,13 @@ def _checked(grammar: str, kind: str, what: str) -> Constraint:
 
 
 def _first_lines(message: str, n: int = 3) -> str:
-    lines = [line.rstrip() for line in str(message).strip().splitlines() if line.strip()]
-    return " ".join(lines[:n])[:500]
+    """llguidance's message on one line: its first ``n`` lines, less the lines that only point (^^^) at the
+    echoed text, plus the reason Rust's regex parser gives on a later "error: ..." line (else cut off)."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    lines = [line for line in lines if set(line) - set("^~ ")]
+    head = lines[:n]
+    head += [line for line in lines[n:] if line.startswith("error:")][:1]
+    return " ".join(head)[:500]
 
 
 def _text(value, what: str) -> str:

@@ -30,14 +30,19 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_folder(tmp_path_factory):
+    from mlx_gemma_qat.convert import convert
+
+    return convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("constrain") / "m", mode="none", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
     """The tiny Gemma 3 (random weights, 512 logits) converted as-is, and its 513-piece SentencePiece-style
     tokenizer (single characters, the 256 <0xNN> byte pieces, <unusedN>/<extraN> pieces; eos ids 1 and 106)."""
     from mlx_gemma_qat import load
-    from mlx_gemma_qat.convert import convert
 
-    folder = convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("constrain") / "m", mode="none", progress=False)
-    return load(folder)
+    return load(tiny_folder)
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +127,38 @@ def test_token_bytes_gguf_bpe(bpe_tok):
     assert len(tb) == 262144 and b"".join(tb[i] for i in bpe_tok.encode("{\"", add_special_tokens=False)) == b'{"'
 
 
-@pytest.mark.real
-def test_token_bytes_real_270m(real_270m):
+@pytest.fixture(scope="module")
+def real_tok(real_270m):
+    """The real 270M's tokenizer alone (mlx-lm's loader, the eos ids of its config), as load() gives it."""
     from mlx_lm.utils import load_tokenizer
 
     from mlx_gemma_qat.model.load import read_config
 
     eos = read_config(real_270m).get("eos_token_id")
-    tok = load_tokenizer(real_270m, eos_token_ids=eos if isinstance(eos, list) else None)
-    tb, _ = check_token_bytes(tok)
+    return load_tokenizer(real_270m, eos_token_ids=eos if isinstance(eos, list) else None)
+
+
+@pytest.mark.real
+def test_token_bytes_real_270m(real_tok):
+    tb, _ = check_token_bytes(real_tok)
     assert len(tb) == 262144
+
+
+@pytest.mark.real
+def test_real_270m_answers_in_json(real_270m, real_tok):
+    """The real model asked for JSON under a schema with a free string: greedy, it writes the object and stops."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from mlx_gemma_qat import stream_generate
+    from mlx_gemma_qat.model.load import load_model
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+              "required": ["city"], "additionalProperties": False}
+    model = load_model(real_270m)
+    rs = list(stream_generate(model, real_tok, "What is the capital of France? Answer in JSON.", 24,
+                              json_schema=schema))
+    text = "".join(r.text for r in rs)
+    assert rs[-1].finish_reason == "stop", text
+    jsonschema.validate(json.loads(text), schema)
 
 
 # -- b. every mask against a brute force -------------------------------------------------------------------
@@ -380,3 +407,305 @@ def test_added_text_pieces_are_text(tiny, bpe_tok):
     rs = list(stream_generate(model, tok, "hi", 20, regex="<extra460>[a-z]!"))
     text = "".join(r.text for r in rs)
     assert rs[-1].finish_reason == "stop" and __import__("re").fullmatch("<extra460>[a-z]!", text), text
+
+
+# -- c. width ---------------------------------------------------------------------------------------------
+
+
+def test_width_past_the_vocabulary_is_masked(tiny, bpe_tok):
+    """Gemma 3 4B and larger have 262,208 logits for 262,144 pieces: the ids past the tokenizer are never
+    allowed, even where everything is (any text); on the tiny tokenizer (513 pieces) with 600 logits alike."""
+    _, tok = tiny
+    for t, width in ((tok, 600), (bpe_tok, 262208)):
+        n = len(token_bytes(t))
+        m = compile_constraint(regex="(?s:.*)").matcher(t, width)
+        allowed = m.allowed()
+        assert allowed.max() < n and len(allowed) > n // 2
+        mask = np.array(m.mask())
+        assert mask.shape == (width,) and not mask[n:].any() and mask[allowed].all() and mask.sum() == len(allowed)
+        logits = mx.random.normal((1, width)).astype(mx.bfloat16)
+        out = np.array(m.apply(logits).astype(mx.float32))
+        assert np.isneginf(out[0, n:]).all() and np.isfinite(out[0, allowed]).all()
+        assert (out[0, allowed] == np.array(logits.astype(mx.float32))[0, allowed]).all()
+        assert int(mx.argmax(m.apply(mx.zeros((1, width)) + mx.arange(width)), axis=-1).item()) < n
+
+
+def test_width_below_the_vocabulary_slices(tiny):
+    """The tiny model has 512 logits for 513 pieces (its last, <mask>, is special): a matcher that narrow
+    gives the full-width mask cut to 512; narrower still (505) drops the allowed pieces 505..509 too."""
+    model, tok = tiny
+    assert model.cfg.vocab_size == 512 and len(token_bytes(tok)) == 513
+    c = compile_constraint(regex="<extra50[0-9]>|[a-c]")
+    full = c.matcher(tok, 513).allowed()
+    assert set(range(500, 510)) <= set(full.tolist())
+    for width in (512, 505):
+        m = c.matcher(tok, width)
+        assert m.allowed().tolist() == [i for i in full.tolist() if i < width]
+        mask = m.mask()
+        assert mask.shape == (width,) and np.array(mask).sum() == len(m.allowed())
+        assert m.apply(mx.zeros((1, width))).shape == (1, width)
+    m = c.matcher(tok, 505)
+    m.consume(502)  # a piece past the width can still be consumed (the matcher does not sample)
+    assert m.accepting
+
+
+# -- d. every sampler -------------------------------------------------------------------------------------
+
+SAMPLERS = {
+    "greedy": {},
+    "temp": {"temp": 1.0},
+    "hot": {"temp": 5.0},  # nearly uniform over what the mask allows: wanders the most
+    "top_p": {"temp": 1.0, "top_p": 0.9},
+    "top_k": {"temp": 1.0, "top_k": 5},
+    "min_p": {"temp": 1.0, "min_p": 0.1},
+    "top_k+top_p+min_p": {"temp": 0.8, "top_k": 20, "top_p": 0.95, "min_p": 0.05},
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_gives_valid_json(tiny, name):
+    """The mask is applied before any sampler: under each, the random tiny model's output parses and validates
+    (jsonschema) and ends with "stop"; cut by max_tokens it ends with "length" and is an unfinished prefix."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from mlx_gemma_qat import stream_generate
+
+    model, tok = tiny
+    language = set(json_language())
+    longest = max(len(s.encode("utf-8")) for s in language)  # one piece per byte at worst
+    c = compile_constraint(json_schema=JSON_SCHEMA)
+    seen = set()
+    for seed in range(3):
+        rs = list(stream_generate(model, tok, "hi", longest + 8, constraint=c, seed=seed, **SAMPLERS[name]))
+        text = "".join(r.text for r in rs)
+        assert rs[-1].finish_reason == "stop" and rs[-1].token in tok.eos_token_ids, text
+        jsonschema.validate(json.loads(text), JSON_SCHEMA)
+        assert text in language
+        seen.add(text)
+    if name == "hot":  # near-uniform sampling within the mask: other seeds, other documents
+        assert len(seen) == 3
+    if name == "greedy":
+        assert len(seen) == 1
+    rs = list(stream_generate(model, tok, "hi", 9, constraint=c, seed=0, **SAMPLERS[name]))
+    text = "".join(r.text for r in rs)
+    assert rs[-1].finish_reason == "length" and rs[-1].generation_tokens == 9
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    assert text and any(s.startswith(text) for s in language)
+
+
+def test_free_output_is_not_json(tiny):
+    """The same prompt without a constraint: the random model's output is not JSON (so the test above is
+    the mask's doing)."""
+    from mlx_gemma_qat import generate
+
+    model, tok = tiny
+    text = generate(model, tok, "hi", 40)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+@pytest.mark.parametrize("kind", ["regex", "grammar", "json"])
+def test_each_kind_through_generate(tiny, kind):
+    """regex=, grammar= and json= straight to generate(): the output is in the language."""
+    from mlx_gemma_qat import generate, stream_generate
+
+    model, tok = tiny
+    if kind == "regex":
+        text = generate(model, tok, "hi", 20, regex=r"(yes|no|maybe)( sir| café)?\.", temp=1.0, seed=3)
+        assert text.encode() in CASES["regex-finite"][1]().language
+    elif kind == "grammar":
+        text = generate(model, tok, "hi", 20, grammar=GRAMMAR, temp=1.0, seed=3)
+        assert text.encode() in CASES["grammar"][1]().language
+    else:  # any object: the random model rambles inside a string, so give it a short leash and check the prefix
+        rs = list(stream_generate(model, tok, "hi", 12, json=True))
+        text = "".join(r.text for r in rs)
+        assert text.startswith("{") and rs[-1].finish_reason == "length"
+        m = compile_constraint(json=True).matcher(tok, model.cfg.vocab_size)
+        for r in rs:
+            m.consume(r.token)  # every token a valid step
+
+
+# -- e. bad input ------------------------------------------------------------------------------------------
+
+BAD = {
+    "unknown type": (dict(json_schema={"type": "nonsense"}), "invalid JSON schema: Invalid type: nonsense"),
+    "schema not an object": (dict(json_schema=[{"type": "string"}]), "a JSON schema must be an object, not list"),
+    "schema text not JSON": (dict(json_schema='{"type": '), "the JSON schema is not JSON"),
+    "unsupported keyword": (dict(json_schema={"type": "object", "if": {"required": ["a"]}, "then": {}}),
+                            'invalid JSON schema: Unimplemented keys: \\["if", "then"\\]'),
+    "unsatisfiable schema": (dict(json_schema={"type": "integer", "minimum": 5, "maximum": 1}),
+                             r"minimum \(5\) is greater than maximum \(1\)"),
+    "regex unclosed": (dict(regex="(ab"), "invalid regex: .* error: unclosed group"),
+    "regex look-around": (dict(regex="(?=a)b"), "look-around, including look-ahead and look-behind, is not supported"),
+    "regex back-reference": (dict(regex=r"(a)\1"), "backreferences are not supported"),
+    "grammar unknown rule": (dict(grammar="start: foo"), 'invalid grammar: .*unknown name: "foo"'),
+    "grammar syntax": (dict(grammar="start 'a'"), "invalid grammar: "),
+    "two constraints": (dict(json=True, regex="a"), "give one constraint, not json and regex"),
+    "constraint and a kind": (dict(constraint=Constraint("start: \"a\"", "grammar"), json=True),
+                              "give either constraint= or one of json_schema="),
+    "stop strings": (dict(json=True, stop_strings=["}"]), "stop strings cannot be given with a constraint"),
+}
+
+
+class Untouchable:
+    """A model or tokenizer that fails the test if generation gets as far as using it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"used .{name} before refusing the constraint")
+
+    def __call__(self, *a, **k):
+        raise AssertionError("called before refusing the constraint")
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_constraint_refused_before_any_work(case):
+    from mlx_gemma_qat import generate, stream_generate
+
+    kwargs, message = BAD[case]
+    for run in (lambda: list(stream_generate(Untouchable(), Untouchable(), "hi", 8, **kwargs)),
+                lambda: generate(Untouchable(), Untouchable(), "hi", 8, **kwargs)):
+        with pytest.raises(ConstraintError, match=message) as e:
+            run()
+        assert isinstance(e.value, ValueError) and "\n" not in str(e.value) and len(str(e.value)) < 300
+    if "stop_strings" not in kwargs and "constraint" not in kwargs:
+        with pytest.raises(ConstraintError, match=message):
+            compile_constraint(**kwargs)
+
+
+def test_bad_constraint_in_a_chat_leaves_the_session_as_it_was(tiny):
+    from mlx_gemma_qat.chat import ChatSession
+
+    model, tok = tiny
+    s = ChatSession(model, tok)
+    list(s.send("hi", max_tokens=8, regex="[a-z]{3}"))
+    messages = list(s.messages)
+    calls = []
+    real_call = type(model).__call__
+    type(model).__call__ = lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k)
+    try:
+        for kwargs, _ in BAD.values():
+            with pytest.raises(ConstraintError):
+                list(s.send("again", max_tokens=3, **kwargs))
+    finally:
+        type(model).__call__ = real_call
+    # the model never ran, the conversation is as it was and the cache's record true (the random model's reply,
+    # in byte pieces, renders back differently, so the turn had dropped the cache before the refusal, as any
+    # turn after it would have)
+    assert not calls and s.messages == messages and s.cache[0].offset == len(s.cached_ids)
+    rs = list(s.send("again", max_tokens=8, regex="[a-z]{3}"))
+    assert rs[-1].finish_reason == "stop" and len(s.messages) == 4
+
+
+# -- f. reuse ----------------------------------------------------------------------------------------------
+
+
+def test_a_constraint_serves_many_generations_and_chat_turns(tiny):
+    """One compiled Constraint across generations and a ChatSession's turns (each drives its own Matcher);
+    json=True in a chat turn too, its output brought to an end by a sampler that prefers closing."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from mlx_gemma_qat import stream_generate
+    from mlx_gemma_qat.chat import ChatSession
+
+    model, tok = tiny
+    c = compile_constraint(json_schema=json.dumps(JSON_SCHEMA))  # JSON text works as well as a dict
+    assert c == compile_constraint(json_schema=JSON_SCHEMA)
+    before = (c.grammar, c.kind)
+    texts = []
+    for seed in range(3):
+        texts.append("".join(r.text for r in stream_generate(model, tok, "hi", 60, constraint=c, temp=5.0, seed=seed)))
+    s = ChatSession(model, tok)
+    for i, msg in enumerate(["hi", "more"]):
+        rs = list(s.send(msg, max_tokens=60, constraint=c, temp=5.0))
+        texts.append("".join(r.text for r in rs))
+        assert rs[-1].finish_reason == "stop" and s.messages[-1]["content"] == texts[-1]
+        assert len(s.messages) == 2 * (i + 1) and s.cache[0].offset == len(s.cached_ids)
+    for t in texts:
+        jsonschema.validate(json.loads(t), JSON_SCHEMA)
+    assert len(set(texts)) > 2 and (c.grammar, c.kind) == before  # unchanged by use
+
+    eos = sorted(tok.eos_token_ids)
+    closing = [tok.convert_tokens_to_ids(p) for p in ("}", '"')]
+
+    def prefer_closing(logprobs):  # among the allowed: eos, then "}", then '"', else the model's choice
+        bonus = mx.zeros(logprobs.shape[-1]).at[mx.array(eos + closing)].add(mx.array([300.0] * len(eos) + [200.0, 100.0]))
+        return mx.argmax(logprobs + bonus, axis=-1)
+
+    rs = list(s.send("an object please", max_tokens=20, json=True, sampler=prefer_closing))
+    assert rs[-1].finish_reason == "stop" and json.loads("".join(r.text for r in rs)) == {}
+    rs = list(s.send("and again", max_tokens=60, constraint=c))
+    assert rs[-1].finish_reason == "stop"  # within the tiny model's 256-token context
+    jsonschema.validate(json.loads("".join(r.text for r in rs)), JSON_SCHEMA)
+
+
+# -- the command line --------------------------------------------------------------------------------------
+
+
+def _cli(*args, input=None):
+    from click.testing import CliRunner
+
+    from mlx_gemma_qat.cli import main
+
+    return CliRunner().invoke(main, list(map(str, args)), input=input)
+
+
+def _reply(r) -> str:
+    """The generated text of `generate --no-stats`: stdout less its final newline."""
+    assert r.exit_code == 0, r.output
+    return r.stdout[:-1] if r.stdout.endswith("\n") else r.stdout
+
+
+def test_cli_generate_constrained(tiny_folder, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    base = ["generate", "-m", tiny_folder, "-p", "hi", "-n", 60, "--no-stats"]
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(JSON_SCHEMA), encoding="utf-8")
+    for spec in (schema_file, json.dumps(JSON_SCHEMA)):
+        text = _reply(_cli(*base, "--json-schema", spec, "--temp", 5, "--seed", 1))
+        jsonschema.validate(json.loads(text), JSON_SCHEMA)
+    text = _reply(_cli(*base, "--regex", r"(yes|no|maybe)( sir| café)?\.", "--temp", 5, "--seed", 2))
+    assert text.encode() in CASES["regex-finite"][1]().language
+    grammar_file = tmp_path / "greet.lark"
+    grammar_file.write_text(GRAMMAR, encoding="utf-8")
+    text = _reply(_cli(*base, "--grammar", grammar_file, "--temp", 5, "--seed", 3))
+    assert text.encode() in CASES["grammar"][1]().language
+    text = _reply(_cli(*base[:-3], "-n", 8, "--no-stats", "--json"))
+    assert text.startswith("{")  # the random model rambles in a key: cut at 8 tokens
+
+
+def test_cli_chat_constrains_every_reply(tiny_folder):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = _cli("chat", "-m", tiny_folder, "-n", 60, "--json-schema", json.dumps(JSON_SCHEMA), "--temp", 5,
+             "--seed", 0, input="hi\nmore\n/quit\n")
+    assert r.exit_code == 0, r.output
+    replies = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(replies) == 2
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), JSON_SCHEMA)
+
+
+CLI_BAD = {
+    "unknown type": (["--json-schema", '{"type": "nonsense"}'], "invalid JSON schema: Invalid type: nonsense"),
+    "schema not an object": (["--json-schema", "[1]"], "a JSON schema must be an object, not list"),
+    "schema text not JSON": (["--json-schema", '{"type": '], "the JSON schema is not JSON"),
+    "no such schema file": (["--json-schema", "missing.json"], "--json-schema missing.json: no such file"),
+    "unsupported keyword": (["--json-schema", '{"if": {}, "then": {}}'], "Unimplemented keys"),
+    "regex": (["--regex", "(ab"], "invalid regex: .*unclosed group"),
+    "grammar file": (["--grammar", "BAD_GRAMMAR"], 'invalid grammar: .*unknown name: "foo"'),
+    "no such grammar file": (["--grammar", "missing.lark"], "--grammar missing.lark: no such file"),
+    "two constraints": (["--json", "--regex", "a"], "give one constraint, not --json and --regex"),
+}
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("case", list(CLI_BAD))
+def test_cli_bad_constraint_is_one_error_line(tmp_path, monkeypatch, command, case):
+    """One 'Error: ...' line, exit 1, before the model is loaded (--model names nothing that exists)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BAD_GRAMMAR").write_text("start: foo\n", encoding="utf-8")
+    args, message = CLI_BAD[case]
+    extra = ["-p", "hi"] if command == "generate" else []
+    r = _cli(command, "-m", tmp_path / "no-such-model", *extra, *args, input="hi\n")
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert __import__("re").search(message, lines[0]), lines[0]
