@@ -247,7 +247,7 @@ class Matcher:
 
     @property
     def done(self) -> bool:
-        """The grammar allows nothing more than the end."""
+        """The output has ended: the grammar stopped (after the end of sequence was consumed)."""
         return self._m.is_stopped()
 
     def mask_words(self) -> np.ndarray:

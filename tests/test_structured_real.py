@@ -116,8 +116,8 @@ def test_tool_calls_through_both_clients(real):
         r = client.chat.completions.create(model="gemma3-270m", messages=ASK, tools=TOOLS, tool_choice=choice,
                                            parallel_tool_calls=False, max_tokens=60)
         c = r.choices[0]
-        if choice == "auto" and not c.message.tool_calls:  # auto may answer in text: then it ends as text does
-            assert c.finish_reason == "stop" and c.message.content
+        if choice == "auto" and not c.message.tool_calls:  # auto may answer in text, which ends as text does
+            assert c.finish_reason in ("stop", "length") and c.message.content and c.message.content[0] != "{"
             continue
         assert c.finish_reason == "tool_calls", c
         _calls_valid([(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls])
