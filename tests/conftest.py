@@ -36,6 +36,18 @@ def random_model(cfg: TextConfig, seed: int = 0) -> Model:
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny text fixture (tests/fixtures/tiny_gemma3: random weights, 512 logits, a 513-piece tokenizer)
+    converted as it is; its folder name is the served model's id, "tiny-gemma"."""
+    from pathlib import Path
+
+    from mlx_gemma_qat.convert import convert
+
+    src = Path(__file__).parent / "fixtures" / "tiny_gemma3"
+    return convert(src, tmp_path_factory.mktemp("tiny") / "tiny-gemma", mode="none", progress=False)
+
+
 @pytest.fixture
 def tiny_model():
     return random_model(tiny_config())

@@ -30,13 +30,6 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from mlx_gemma_qat.convert import convert
-
-    return convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("constrain") / "m", mode="none", progress=False)
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_folder):
     """The tiny Gemma 3 (random weights, 512 logits) converted as-is, and its 513-piece SentencePiece-style
     tokenizer (single characters, the 256 <0xNN> byte pieces, <unusedN>/<extraN> pieces; eos ids 1 and 106)."""

@@ -33,13 +33,6 @@ def _serve(folder, model, tokenizer, api_key=None):
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    from mlx_gemma_qat.convert import convert
-
-    return convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("serve") / "tiny-gemma", mode="none", progress=False)
-
-
-@pytest.fixture(scope="session")
 def srv(tiny_folder):
     """The text fixture served with an API key."""
     from mlx_gemma_qat import load

@@ -16,13 +16,6 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from mlx_gemma_qat.convert import convert
-
-    return convert(FIX / "tiny_gemma3", tmp_path_factory.mktemp("srv") / "m", mode="none", progress=False)
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_folder):
     from mlx_gemma_qat import load
 

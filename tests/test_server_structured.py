@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_server import AUTH, FIX, HI, KEY, srv, tiny_folder, vsrv  # noqa: F401 - fixtures
+from test_server import AUTH, FIX, HI, KEY, srv, vsrv  # noqa: F401 - fixtures
 
 from mlx_gemma_qat.generate import generate
 
@@ -37,6 +37,9 @@ def test_openai_chat_json_schema_whole_and_streamed(client, srv):  # noqa: F811
                                                 response_format=FORMAT, stream=True))
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == want
     assert parts[-1].choices[0].finish_reason == "stop"
+    # the same prompt again starts from a kept KV cache, and the constraint still holds from the first token
+    again = client.chat.completions.create(model="tiny-gemma", messages=HI, max_tokens=200, response_format=FORMAT)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0 and again.choices[0].message.content == want
 
 
 def test_openai_json_object_and_completions(client, srv):  # noqa: F811

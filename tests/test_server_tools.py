@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 from served import serve
-from test_server import AUTH, KEY, tiny_folder  # noqa: F401 - fixtures
+from test_server import AUTH, KEY
 
 from mlx_gemma_qat.generate import generate
 from mlx_gemma_qat.tools import parse_reply, parse_tools, render_messages, tool_constraint, ToolChoice
@@ -29,7 +29,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_folder, tmp_path_factory):  # noqa: F811
+def srv(tiny_folder, tmp_path_factory):
     """The tiny text fixture with a 2,048-token context (the declarations alone are ~700 tokens; RoPE takes any
     position, so only the config changes), served with an API key."""
     import shutil
@@ -48,7 +48,7 @@ def srv(tiny_folder, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture
-def client(srv):  # noqa: F811
+def client(srv):
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0)
 
 
@@ -56,7 +56,7 @@ def _valid(name, arguments):
     jsonschema.validate(arguments, SCHEMAS[name])
 
 
-def _want(srv, messages, choice, parallel=True):  # noqa: F811
+def _want(srv, messages, choice, parallel=True):
     """What generate gives for the same conversation, tools and choice (greedy), read for calls."""
     tools = parse_tools(TOOLS)
     text = generate(srv.model, srv.tok, render_messages(messages, tools, choice), 120,
@@ -65,7 +65,7 @@ def _want(srv, messages, choice, parallel=True):  # noqa: F811
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
-def test_openai_required_and_named(client, srv, choice):  # noqa: F811
+def test_openai_required_and_named(client, srv, choice):
     mode = ToolChoice("required") if choice == "required" else ToolChoice("function", "get_time")
     want = _want(srv, ASK, mode, parallel=False)
     r = client.chat.completions.create(model="tiny-gemma", messages=ASK, tools=TOOLS, tool_choice=choice,
@@ -81,7 +81,7 @@ def test_openai_required_and_named(client, srv, choice):  # noqa: F811
         assert call.function.name == "get_time"
 
 
-def test_openai_streamed_calls_in_the_delta_shape(client, srv):  # noqa: F811
+def test_openai_streamed_calls_in_the_delta_shape(client, srv):
     whole = client.chat.completions.create(model="tiny-gemma", messages=ASK, tools=TOOLS, tool_choice="required",
                                            max_tokens=120, parallel_tool_calls=False)
     chunks = list(client.chat.completions.create(model="tiny-gemma", messages=ASK, tools=TOOLS, stream=True,
@@ -94,7 +94,7 @@ def test_openai_streamed_calls_in_the_delta_shape(client, srv):  # noqa: F811
     assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 
 
-def test_openai_auto_and_none(client, srv):  # noqa: F811
+def test_openai_auto_and_none(client, srv):
     r = client.chat.completions.create(model="tiny-gemma", messages=ASK, tools=TOOLS, max_tokens=60)
     want = _want(srv, ASK, ToolChoice("auto"))
     c = r.choices[0]
@@ -105,7 +105,7 @@ def test_openai_auto_and_none(client, srv):  # noqa: F811
     assert r.choices[0].message.content == generate(srv.model, srv.tok, ASK, 12) and not r.choices[0].message.tool_calls
 
 
-def test_openai_multi_turn_with_a_tool_result(client, srv):  # noqa: F811
+def test_openai_multi_turn_with_a_tool_result(client, srv):
     first = client.chat.completions.create(model="tiny-gemma", messages=ASK, tools=TOOLS, tool_choice="required",
                                            max_tokens=120, parallel_tool_calls=False).choices[0].message
     call = first.tool_calls[0]
@@ -124,7 +124,7 @@ def test_openai_multi_turn_with_a_tool_result(client, srv):  # noqa: F811
                       ensure_ascii=False) in text
 
 
-def test_ollama_client_tools(srv):  # noqa: F811
+def test_ollama_client_tools(srv):
     import ollama
 
     c = ollama.Client(host=srv.url, headers=AUTH)
@@ -146,7 +146,7 @@ def test_ollama_client_tools(srv):  # noqa: F811
     assert r.message.content == generate(srv.model, srv.tok, rendered, 8)
 
 
-def test_ollama_required_tools_on_a_real_shape_reply(srv):  # noqa: F811
+def test_ollama_required_tools_on_a_real_shape_reply(srv):
     """Ollama has no tool_choice: with tools, the reply may call them ("auto"); the answer's calls validate."""
     r = httpx.post(srv.url + "/api/chat", headers=AUTH, timeout=120, json={
         "messages": ASK, "tools": TOOLS[:1], "stream": False, "options": {"num_predict": 60, "temperature": 0.9,
@@ -169,7 +169,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("name,extra,param", BAD, ids=[b[0] for b in BAD])
-def test_bad_tools_are_a_400_before_generating(srv, monkeypatch, name, extra, param):  # noqa: F811
+def test_bad_tools_are_a_400_before_generating(srv, monkeypatch, name, extra, param):
     def never(*a, **k):
         raise AssertionError("nothing may be generated")
 
