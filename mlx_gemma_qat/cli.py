@@ -573,8 +573,8 @@ def compare(models, ref, ref_logits, save_ref_logits, text_file, dataset, split,
     KL divergence, same-top %, decode speed; one model in memory at a time."""
     from mlx_lm.utils import load_tokenizer
 
-    from .evaluate.compare import format_table, parse_spec, plot
     from .evaluate.compare import compare as run
+    from .evaluate.compare import format_table, parse_spec, plot
     from .models_cache import resolve_model
 
     if (ref is None) == (ref_logits is None):

@@ -29,6 +29,7 @@ __all__ = ["Constraint", "ConstraintError", "Matcher", "compile_constraint", "ll
 # anywhere would let a small model fill max_tokens with newlines before it closed the object.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": False}
 MAX_CONSTRAINT_CHARS = 1_000_000  # a schema, regex or grammar longer than this is refused before compiling
+STOP_WITH_CONSTRAINT = "stop strings cannot be given with a constraint: the grammar decides where the output ends"
 
 
 class ConstraintError(ValueError):

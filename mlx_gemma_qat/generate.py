@@ -264,14 +264,14 @@ def stream_generate(
     output is then a valid prefix of the language at every token and ends with "stop" only when it is complete;
     the grammar decides where it ends, so stop strings cannot be given with a constraint.
     """
-    from .constrain import ConstraintError, compile_constraint, logits_width
+    from .constrain import STOP_WITH_CONSTRAINT, ConstraintError, compile_constraint, logits_width
 
     compiled = compile_constraint(json_schema=json_schema, json=json, regex=regex, grammar=grammar)
     if compiled is not None and constraint is not None:
         raise ConstraintError("give either constraint= or one of json_schema=, json=, regex=, grammar=")
     constraint = constraint or compiled
     if constraint is not None and stop_strings:
-        raise ConstraintError("stop strings cannot be given with a constraint: the grammar decides where the output ends")
+        raise ConstraintError(STOP_WITH_CONSTRAINT)
     if seed is not None:
         mx.random.seed(seed)
     if cache is None and prompt_cache is None:

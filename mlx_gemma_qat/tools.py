@@ -236,7 +236,7 @@ def tool_constraint(tools: list[Tool], choice: ToolChoice, parallel: bool = True
     schema = {"x-guidance": dict(JSON_OPTIONS),
               "anyOf": [_call_schema(t, f"#/anyOf/{i}/properties/parameters") for i, t in enumerate(chosen)]}
     calls = 'call ("\\n" call)*' if parallel else "call"
-    start = f"start: TEXT | calls | \"\"\nTEXT: /[^{{](.|\\n)*/\n" if choice.mode == "auto" else "start: calls\n"
+    start = "start: TEXT | calls | \"\"\nTEXT: /[^{](.|\\n)*/\n" if choice.mode == "auto" else "start: calls\n"
     grammar = f"%llguidance {{}}\n{start}calls: {calls}\ncall: %json {json.dumps(schema, ensure_ascii=False)}\n"
     try:
         return _compiled(grammar)

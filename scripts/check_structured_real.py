@@ -154,8 +154,8 @@ def main() -> int:
     schema_rows = [r for r in rows if r["name"] != "tools"]
     lines = [
         "## Structured output on the real Gemma 3 270M", "",
-        f"`python scripts/check_structured_real.py` ({len(CASES)} schemas of `tests/fixtures/app_schemas.json`; greedy, "
-        f"and sampled at temperature {TEMPERATURE}, top-p {TOP_P}; max_tokens {args.max_tokens}; "
+        f"`python scripts/check_structured_real.py` ({len(CASES)} schemas of `tests/fixtures/app_schemas.json`; "
+        f"greedy, and sampled at temperature {TEMPERATURE}, top-p {TOP_P}; max_tokens {args.max_tokens}; "
         f"{time.perf_counter() - t0:.0f} s). {len(schema_rows) - sum(r['verdict'] != 'valid' for r in schema_rows)}"
         f" of {len(schema_rows)} schema runs parsed, validated with `jsonschema` and ended with \"stop\".", "",
         "| path | mode | schema | tokens | finish | verdict | output |", "|---|---|---|---|---|---|---|"]

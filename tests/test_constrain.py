@@ -47,7 +47,12 @@ def bpe_tok(tmp_path_factory):
 
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_gemma_qat.convert.tokenizer import eos_token_ids, special_token_ids, tokenizer_from_gguf, write_tokenizer_files
+    from mlx_gemma_qat.convert.tokenizer import (
+        eos_token_ids,
+        special_token_ids,
+        tokenizer_from_gguf,
+        write_tokenizer_files,
+    )
 
     meta = json.loads((FIX / "gpt2_tokenizer_cases.json").read_text(encoding="utf-8"))["meta"]
     raw = lzma.decompress((FIX / meta["gguf"]).read_bytes())

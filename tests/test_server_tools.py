@@ -15,7 +15,7 @@ from served import serve
 from test_server import AUTH, KEY
 
 from mlx_gemma_qat.generate import generate
-from mlx_gemma_qat.tools import parse_reply, parse_tools, render_messages, tool_constraint, ToolChoice
+from mlx_gemma_qat.tools import ToolChoice, parse_reply, parse_tools, render_messages, tool_constraint
 
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo", "Lima"]},
                                             "unit": {"enum": ["C", "F"]}},

@@ -13,8 +13,20 @@ import pytest
 from mlx_gemma_qat import load, stream_generate
 from mlx_gemma_qat.constrain import ConstraintError
 from mlx_gemma_qat.generate import encode_prompt
-from mlx_gemma_qat.tools import (CallStream, StreamItem, Tool, ToolCall, ToolChoice, ToolError, parse_reply,
-                                 parse_tool_choice, parse_tools, render_messages, tool_constraint, tools_prompt)
+from mlx_gemma_qat.tools import (
+    CallStream,
+    StreamItem,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolError,
+    parse_reply,
+    parse_tool_choice,
+    parse_tools,
+    render_messages,
+    tool_constraint,
+    tools_prompt,
+)
 
 # Schemas with bounded sizes, so that the tiny model's random weights close every call within ~60 tokens.
 WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..constrain import Constraint, ConstraintError, ll_tokenizer, logits_width
+from ..constrain import STOP_WITH_CONSTRAINT, Constraint, ConstraintError, ll_tokenizer, logits_width
 from ..fetch import FetchPolicy
 from ..generate import ContextLengthError, context_limit
 from ..image import ImageError, ImageTooLarge
@@ -260,8 +260,7 @@ class ServerState:
         matcher = None
         if constraint is not None:
             if params.stop:
-                raise BadRequest("stop strings cannot be given with structured output: the grammar decides where "
-                                 "the output ends", param="stop")
+                raise BadRequest(STOP_WITH_CONSTRAINT, param="stop")
             engine = self.engine
             try:
                 matcher = constraint.matcher(engine.tokenizer, logits_width(engine.model))
@@ -346,7 +345,8 @@ def create_app(engine: Engine, card: ModelCard, *, defaults: SamplingParams | No
         engine.start()
         # llguidance's view of the vocabulary takes seconds to build for Gemma's 262K pieces: built now, beside the
         # first requests, rather than on the first constrained one
-        threading.Thread(target=ll_tokenizer, args=(engine.tokenizer,), name="llguidance-tokenizer", daemon=True).start()
+        threading.Thread(target=ll_tokenizer, args=(engine.tokenizer,), name="llguidance-tokenizer",
+                         daemon=True).start()
         try:
             yield
         finally:

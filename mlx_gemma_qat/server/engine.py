@@ -34,6 +34,7 @@ from typing import AsyncIterator, Iterator
 import mlx.core as mx
 import numpy as np
 
+from ..constrain import STOP_WITH_CONSTRAINT
 from ..generate import ContextLengthError, chunk_bounds, context_limit, image_token_ids
 from ..image import normalize, resized
 from ..model.cache import check_kv_quantization
@@ -260,7 +261,7 @@ class Engine:
         except ValueError as e:
             raise RequestError(str(e)) from None
         if matcher is not None and params.stop:
-            raise RequestError("stop strings cannot be given with a constraint: the grammar decides where the output ends")
+            raise RequestError(STOP_WITH_CONSTRAINT)
         if matcher is not None and matcher.tokens:
             raise RequestError("a constraint's matcher serves one request: build a new one")
         ids = [int(i) for i in ids]
