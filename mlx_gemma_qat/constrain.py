@@ -97,7 +97,11 @@ def schema_grammar(schema) -> str:
     if not isinstance(schema, dict):
         raise ConstraintError(f"a JSON schema must be an object, not {type(schema).__name__}")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        text = _text(_json.dumps(schema, ensure_ascii=False), "the JSON schema")
+    except (TypeError, ValueError) as e:  # values JSON cannot hold (NaN is held, and refused by llguidance)
+        raise ConstraintError(f"the JSON schema is not JSON: {e}") from None
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
     except (ValueError, TypeError) as e:
         raise ConstraintError(f"invalid JSON schema: {_first_lines(e)}") from None
 

@@ -80,6 +80,7 @@ PROMPT_HEAD = (
 )
 
 _SEPARATORS = (JSON_OPTIONS["item_separator"], JSON_OPTIONS["key_separator"])
+MAX_KEPT_CHARS = 64 * 1024  # schemas longer than this are not kept in the caches (which a server's clients fill)
 
 
 class ToolError(ValueError):
@@ -161,7 +162,10 @@ def _parameters(schema, where: str) -> dict:
     elif schema["type"] != "object":
         raise ToolError(f"'{where}' must describe an object (\"type\": \"object\"), not {schema['type']!r}", where)
     try:
-        _check_schema(json.dumps(schema, sort_keys=True))
+        text = json.dumps(schema, sort_keys=True)
+        # kept compiled for tools that come back request after request; a large one is checked and not kept
+        check = _check_schema if len(text) <= MAX_KEPT_CHARS else _check_schema.__wrapped__
+        check(text)
     except ConstraintError as e:
         raise ToolError(f"'{where}': {e}", where) from None
     except (TypeError, ValueError) as e:  # values JSON cannot hold
@@ -239,7 +243,7 @@ def tool_constraint(tools: list[Tool], choice: ToolChoice, parallel: bool = True
     start = "start: TEXT | calls | \"\"\nTEXT: /[^{](.|\\n)*/\n" if choice.mode == "auto" else "start: calls\n"
     grammar = f"%llguidance {{}}\n{start}calls: {calls}\ncall: %json {json.dumps(schema, ensure_ascii=False)}\n"
     try:
-        return _compiled(grammar)
+        return _compiled(grammar) if len(grammar) <= 4 * MAX_KEPT_CHARS else _compiled.__wrapped__(grammar)
     except ConstraintError as e:
         raise ToolError(f"the tools' schemas cannot be combined into one grammar: {e}", "tools") from None
 
