@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..constrain import STOP_WITH_CONSTRAINT, Constraint, ConstraintError, ll_tokenizer, logits_width
+from ..constrain import STOP_WITH_CONSTRAINT, Constraint, ConstraintError, logits_width
 from ..fetch import FetchPolicy
 from ..generate import ContextLengthError, context_limit
 from ..image import ImageError, ImageTooLarge
@@ -343,10 +342,6 @@ def create_app(engine: Engine, card: ModelCard, *, defaults: SamplingParams | No
         state.receiving = anyio.CapacityLimiter(RECEIVERS)
         state.preparing, state.reading = anyio.CapacityLimiter(PREPARERS), anyio.CapacityLimiter(IMAGE_READERS)
         engine.start()
-        # llguidance's view of the vocabulary takes seconds to build for Gemma's 262K pieces: built now, beside the
-        # first requests, rather than on the first constrained one
-        threading.Thread(target=ll_tokenizer, args=(engine.tokenizer,), name="llguidance-tokenizer",
-                         daemon=True).start()
         try:
             yield
         finally:
