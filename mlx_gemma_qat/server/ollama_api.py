@@ -124,9 +124,8 @@ async def _run(request: Request, read, *, chat: bool):
         prompt = read(state, body)
         if prompt is None:
             return _Reply(name, chat=chat, started=started).loaded()
-        use = prompt.tools
-        constraint = ollama_format(body) if use is None else one_constraint(ollama_format(body), use, "format")
-        reply = _Reply(name, chat=chat, started=started, tools=use.tools if use is not None and use.calling else None)
+        constraint = one_constraint(ollama_format(body), prompt.tools, "format")
+        reply = _Reply(name, chat=chat, started=started, tools=prompt.tools and prompt.tools.reply_tools)
         params = _sampling(body, state.defaults, state.card.context)
         return state.work(reply, prompt.ids, params, prompt.images, stream=field(body, "stream", bool, True),
                           constraint=constraint, param="format")

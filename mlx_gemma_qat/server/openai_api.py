@@ -71,7 +71,7 @@ async def chat_completions(request: Request):
         params = _sampling(body, state.defaults, chat=True)
         engine = state.engine
         ids = chat_ids(engine.model, engine.tokenizer, messages, len(images), max_chars=state.max_chars)
-        reply = _Reply(model, engine.tokenizer, body, chat=True, tools=use.tools if use.calling else None)
+        reply = _Reply(model, engine.tokenizer, body, chat=True, tools=use.reply_tools)
         return state.work(reply, ids, params, images, stream=_stream(body), constraint=constraint,
                           param="response_format")
 
@@ -191,7 +191,7 @@ class _Reply:
         if self.tools is not None:
             reply = parse_reply(text, self.tools)
             text, calls = reply.content, [c.openai() for c in reply.calls]
-            finish = "tool_calls" if calls and finish == "stop" else finish
+            finish = _finish(finish, bool(calls))
         return {**self._head(False), "choices": [self._choice(text, events, finish, chunk=False, calls=calls)],
                 "usage": _usage(last.usage)}
 
@@ -227,10 +227,7 @@ class _Reply:
                 if not found and e.logprob is not None:
                     yield chunk(None if self.chat else "", [e], None)
                 if e.finish_reason is not None:
-                    finish = e.finish_reason
-                    if calls is not None and calls.calls and finish == "stop":
-                        finish = "tool_calls"
-                    yield chunk(None if self.chat else "", [], finish)
+                    yield chunk(None if self.chat else "", [], _finish(e.finish_reason, bool(calls and calls.calls)))
                     if include_usage:
                         yield data({**self._head(True), "choices": [], "usage": _usage(e.usage)})
         except Exception as e:  # noqa: BLE001 - the headers are sent: the error goes in the stream
@@ -238,6 +235,11 @@ class _Reply:
             yield data({"error": {"message": public_error(e), "type": "server_error", "param": None, "code": None}})
             return
         yield "data: [DONE]\n\n"
+
+
+def _finish(reason: str, called: bool) -> str:
+    """OpenAI's finish reason: a reply that ended on its own after making calls ends with "tool_calls"."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def _usage(u) -> dict:

@@ -68,6 +68,11 @@ class ToolUse:
     def calling(self) -> bool:
         return self.constraint is not None
 
+    @property
+    def reply_tools(self) -> list[Tool] | None:
+        """The tools the reply is read for calls of; None when it may not call."""
+        return self.tools if self.calling else None
+
 
 def tool_use(body: dict, messages: list, *, choice=None, parallel: bool = True) -> ToolUse:
     """The request's ``tools`` with ``choice`` (OpenAI's ``tool_choice``; None: "auto") over its raw
@@ -83,8 +88,11 @@ def tool_use(body: dict, messages: list, *, choice=None, parallel: bool = True) 
     return ToolUse(tools, chosen, messages, constraint)
 
 
-def one_constraint(format_constraint: Constraint | None, use: ToolUse, param: str) -> Constraint | None:
-    """The request's one constraint: its output format's or its tools'; both at once are refused."""
+def one_constraint(format_constraint: Constraint | None, use: ToolUse | None, param: str) -> Constraint | None:
+    """The request's one constraint: its output format's or its tools' (``use``: None for a request without
+    messages); both at once are refused."""
+    if use is None:
+        return format_constraint
     if format_constraint is not None and use.calling:
         raise BadRequest(f"'{param}' and tools that may be called cannot be given together", param=param)
     return format_constraint or use.constraint
