@@ -18,6 +18,7 @@ from __future__ import annotations
 import json as _json
 import threading
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -245,6 +246,7 @@ class Matcher:
         self.tokens = 0  # consumed so far
         self._llt = llt
         self._digits = _NumberDigits(digit_tokens(tokenizer)) if constraint.kind in JSON_KINDS else None
+        self._digit_states: deque = deque(maxlen=MAX_ROLLBACK)  # before each recent token, for ``rollback``
 
     @property
     def accepting(self) -> bool:
@@ -272,9 +274,10 @@ class Matcher:
         bits = np.unpackbits(self.mask_words().view(np.uint8), bitorder="little")[: self.width]
         return np.nonzero(bits)[0]
 
-    def mask(self) -> mx.array:
-        """(width,) bool: the tokens that keep the output a valid prefix (the eos ids where it is complete)."""
-        words = mx.array(self.mask_words())
+    def mask(self, words: np.ndarray | None = None) -> mx.array:
+        """(width,) bool: the tokens that keep the output a valid prefix (the eos ids where it is complete);
+        ``words``: this state's ``mask_words()``, when the caller has them already."""
+        words = mx.array(self.mask_words() if words is None else words)
         bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1  # made here: MLX arrays belong to a thread
         return bits.reshape(-1)[: self.width].astype(mx.bool_)
 
@@ -287,10 +290,27 @@ class Matcher:
             raise ConstraintError(f"the constraint rejected token {int(token)}: {_first_lines(self._m.get_error())}")
         self.tokens += 1
         if self._digits is not None:
+            self._digit_states.append(self._digits.state())
             self._digits.feed(self._llt.decode_bytes([int(token)]))
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` consumed tokens (at most ``MAX_ROLLBACK``): speculative decoding's rejected drafts."""
+        if not 0 <= n <= min(self.tokens, MAX_ROLLBACK):
+            raise ConstraintError(f"cannot roll back {n} of {self.tokens} tokens (at most {MAX_ROLLBACK})")
+        if n == 0:
+            return
+        self._m.rollback(n)
+        if self._m.is_error():
+            raise ConstraintError(f"the constraint failed: {_first_lines(self._m.get_error())}")
+        self.tokens -= n
+        if self._digits is not None:
+            state = self._digit_states[-n]
+            del self._digit_states[-n:]
+            self._digits.restore(state)
 
 
 JSON_KINDS = ("json_schema", "json", "tools")
+MAX_ROLLBACK = 64  # tokens a matcher can step back (speculative decoding drafts far fewer)
 MAX_NUMBER_DIGITS = 16  # per run of digits in a JSON number, as llama.cpp's JSON grammars cap them
 
 
@@ -322,6 +342,12 @@ class _NumberDigits:
                 self.run += 1
             else:
                 self.run = 0
+
+    def state(self) -> tuple[bool, bool, int]:
+        return self.in_string, self.escaped, self.run
+
+    def restore(self, state: tuple[bool, bool, int]) -> None:
+        self.in_string, self.escaped, self.run = state
 
     def cap(self, words: np.ndarray) -> None:
         if self.in_string or self.run < MAX_NUMBER_DIGITS or not len(self.word):

@@ -9,15 +9,16 @@ current token's evaluation.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
-import numpy as np
-from mlx_lm.sample_utils import make_sampler
 
 from .image import crop_prompt, preprocess_all
 from .model.cache import cache_nbytes, check_kv_quantization
+from .prefill import chunk_bounds, prefill  # noqa: F401 - chunk_bounds: part of this module's API
+from .sampling import Sampler
+from .speculative import SpeculativeStats, check_num_draft, default_num_draft, make_drafter, speculative_step
 from .stop_strings import StopStrings
 
 
@@ -36,40 +37,7 @@ class GenerationResponse:
     peak_memory: float  # GB, process peak as MLX reports it
     cache_bytes: int  # KV cache allocated now
     finish_reason: str | None = None  # "stop", "length" or None while streaming
-
-
-def chunk_bounds(n: int, step: int, groups: np.ndarray | None = None) -> list[tuple[int, int]]:
-    """Prefill chunks of about ``step`` tokens; a chunk is stretched so it never splits an image."""
-    bounds, start = [], 0
-    while start < n:
-        end = min(start + step, n)
-        if groups is not None:
-            while end < n and groups[end] >= 0 and groups[end] == groups[end - 1]:
-                end += 1
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def prefill(model, tokens: mx.array | None, cache: list, step: int = 256, *,
-            embeddings: mx.array | None = None, groups: mx.array | None = None) -> mx.array:
-    """Run the prompt through the cache in chunks; return the logits of its last position.
-
-    ``embeddings`` (1, L, D) replace token lookup (image prompts); ``groups`` (L,) mark image tokens.
-    """
-    n = embeddings.shape[1] if embeddings is not None else tokens.size
-    g_np = np.array(groups) if groups is not None else None
-    bounds = chunk_bounds(n, step, g_np)
-    for i, (a, b) in enumerate(bounds):
-        h = model.model(
-            tokens[None, a:b] if embeddings is None else None,
-            cache,
-            embeddings[:, a:b] if embeddings is not None else None,
-            groups[a:b] if groups is not None and (g_np[a:b] >= 0).any() else None,
-        )
-        if i + 1 < len(bounds):
-            mx.eval([c.state for c in cache])
-    return model.head(h[:, -1:, :])[:, -1, :]
+    speculative: SpeculativeStats | None = None  # with a draft model or prompt lookup: what it did so far
 
 
 def generate_step(
@@ -242,6 +210,10 @@ def stream_generate(
     regex: str | None = None,
     grammar: str | None = None,
     constraint=None,
+    draft_model=None,
+    num_draft_tokens: int | None = None,
+    prompt_lookup: bool = False,
+    cache_ids: list[int] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion. ``prompt`` is text (chat template applied if ``chat``), token ids, or a list of
     chat messages ({"role", "content"}; content a string or items {"type": "text", "text": ...} and
@@ -263,6 +235,13 @@ def stream_generate(
     dialect), or ``constraint``, one compiled by ``constrain.compile_constraint`` (build it once, reuse it). The
     output is then a valid prefix of the language at every token and ends with "stop" only when it is complete;
     the grammar decides where it ends, so stop strings cannot be given with a constraint.
+
+    Speculative decoding (``speculative.py``): ``draft_model`` (a smaller Gemma 3 from ``load_draft``, or a
+    ``speculative.ModelDraft`` whose cache carries over between calls) or ``prompt_lookup=True`` (drafts from the
+    text so far) proposes ``num_draft_tokens`` tokens that the model checks in one forward. Greedy output is the
+    model's own; sampled output follows its distribution exactly (speculative rejection sampling with the
+    sampler settings above; a custom ``sampler`` cannot be used). ``cache_ids``: the token ids a given ``cache``
+    holds (a draft model needs them to follow the conversation). Each response's ``speculative`` has the stats.
     """
     from .constrain import STOP_WITH_CONSTRAINT, ConstraintError, compile_constraint, logits_width
 
@@ -272,6 +251,12 @@ def stream_generate(
     constraint = constraint or compiled
     if constraint is not None and stop_strings:
         raise ConstraintError(STOP_WITH_CONSTRAINT)
+    drafter = make_drafter(model, draft_model, prompt_lookup)
+    if drafter is not None:
+        if sampler is not None:
+            raise ValueError("speculative sampling needs the sampler's settings (temp, top_p, top_k, min_p), "
+                             "not a custom sampler")
+        num_draft_tokens = check_num_draft(num_draft_tokens or default_num_draft(drafter))
     if seed is not None:
         mx.random.seed(seed)
     if cache is None and prompt_cache is None:
@@ -294,6 +279,9 @@ def stream_generate(
         ids = prompt_cache.prompt_ids(tokenizer, prompt, chat=chat)
         cache = prompt_cache.make_cache()
         prompt = ids[len(prompt_cache.tokens):]
+        cache_ids = list(prompt_cache.tokens)
+    elif cache is not None and cache_ids is not None and len(cache_ids) != cache[0].offset:
+        raise ValueError(f"cache_ids has {len(cache_ids)} ids for a cache holding {cache[0].offset} tokens")
     if is_messages(prompt):
         if images:
             raise ValueError("give a chat's images inside its messages, not as images=")
@@ -321,7 +309,9 @@ def stream_generate(
     embeddings = groups = None
     if images:
         embeddings, groups = model.embed_prompt(ids, mx.array(pixels))
-    sampler = sampler or make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    if drafter is not None and used and cache_ids is None:
+        raise ValueError("a draft model follows the whole conversation: give cache_ids, the ids the cache holds")
+    sampler = sampler or Sampler(temp, top_p, top_k, min_p)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()
@@ -334,33 +324,41 @@ def stream_generate(
     def prefill_done():
         t_prefill[0] = time.perf_counter()
 
-    steps = generate_step(
-        mx.array(ids), model, max_tokens=max_tokens, sampler=sampler, cache=cache,
-        prefill_step_size=prefill_step_size, on_prefill_done=prefill_done, embeddings=embeddings, groups=groups,
-        matcher=None if constraint is None else constraint.matcher(tokenizer, logits_width(model)),
-    )
+    matcher = None if constraint is None else constraint.matcher(tokenizer, logits_width(model))
+    common = dict(max_tokens=max_tokens, cache=cache, prefill_step_size=prefill_step_size,
+                  on_prefill_done=prefill_done, embeddings=embeddings, groups=groups, matcher=matcher)
+    stats = None
+    if drafter is None:
+        steps = generate_step(mx.array(ids), model, sampler=sampler, **common)
+    else:
+        stats = SpeculativeStats()
+        steps = speculative_step(mx.array(ids), model, drafter, num_draft=num_draft_tokens, sampler=sampler,
+                                 history=cache_ids or [], stats=stats, **common)
     stops = StopStrings(stop_strings or [])
     n, token, finish, text = 0, None, None, ""
-    for n, (token, _) in enumerate(steps, 1):
-        if token in eos:
-            finish = "stop"
-            detok.finalize()
-            text = stops.flush(detok.last_segment)  # what the detokenizer or the stop check held back
-            break
-        detok.add_token(token)
-        text, hit = stops.feed(detok.last_segment)
-        if hit:
-            finish = "stop"
-            break
-        if n == max_tokens:
-            detok.finalize()
-            text += stops.flush(detok.last_segment)
-            break
-        yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, None)
-    yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, finish or "length")
+    try:
+        for n, (token, _) in enumerate(steps, 1):
+            if token in eos:
+                finish = "stop"
+                detok.finalize()
+                text = stops.flush(detok.last_segment)  # what the detokenizer or the stop check held back
+                break
+            detok.add_token(token)
+            text, hit = stops.feed(detok.last_segment)
+            if hit:
+                finish = "stop"
+                break
+            if n == max_tokens:
+                detok.finalize()
+                text += stops.flush(detok.last_segment)
+                break
+            yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, None, stats)
+    finally:
+        steps.close()  # a speculative cache steps back to the tokens taken
+    yield _response(text, token, len(ids), n, t0, t_prefill[0], cache, finish or "length", stats)
 
 
-def _response(text, token, n_prompt, n_gen, t0, t_prefill, cache, finish):
+def _response(text, token, n_prompt, n_gen, t0, t_prefill, cache, finish, stats=None):
     now = time.perf_counter()
     prompt_time = (t_prefill or now) - t0
     gen_time = now - (t_prefill or now)
@@ -374,6 +372,7 @@ def _response(text, token, n_prompt, n_gen, t0, t_prefill, cache, finish):
         peak_memory=mx.get_peak_memory() / 1e9,
         cache_bytes=cache_nbytes(cache),
         finish_reason=finish,
+        speculative=None if stats is None else replace(stats),
     )
 
 
@@ -395,4 +394,5 @@ def format_stats(r: GenerationResponse) -> str:
         f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.2f} tokens-per-sec\n"
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens-per-sec\n"
         f"Peak memory: {r.peak_memory:.3f} GB (KV cache {r.cache_bytes / 2**20:.1f} MiB)"
+        + (f"\n{r.speculative.describe()}" if r.speculative is not None else "")
     )

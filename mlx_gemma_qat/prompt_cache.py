@@ -362,7 +362,8 @@ def cache_prompt(model, tokenizer, text: str, path=None, *, chat: bool | None = 
     """Prefill ``text`` (raw: ``BOS + text``; chat: as the system part of the first user turn, see the module
     docstring; ``chat=None``: chat when the model ships a template) and return its ``PromptCache``, saved
     to ``path`` when given."""
-    from .generate import ContextLengthError, prefill
+    from .generate import ContextLengthError
+    from .prefill import prefill
 
     chat = _resolve_chat(tokenizer, chat)
     if not text:

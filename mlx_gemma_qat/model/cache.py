@@ -291,6 +291,15 @@ def make_cache(config, kv_bits: int | None = None, kv_group_size: int = 64, slac
     ]
 
 
+def reserve_slack(cache: list, n: int) -> None:
+    """Let every sliding layer keep at least ``n`` keys beyond its window from now on, so the newest ``n`` tokens
+    can always be trimmed (speculative decoding rolls back its rejected drafts). The buffer grows to the new
+    bound as tokens arrive; what it holds and the order it hands keys back stay correct on the way."""
+    for c in cache:
+        if isinstance(c, RotatingKVCache):
+            c.slack = max(c.slack, n)
+
+
 def cache_nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
 

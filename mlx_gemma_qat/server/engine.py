@@ -35,13 +35,15 @@ import mlx.core as mx
 import numpy as np
 
 from ..constrain import STOP_WITH_CONSTRAINT
-from ..generate import ContextLengthError, chunk_bounds, context_limit, image_token_ids
+from ..generate import ContextLengthError, context_limit, image_token_ids
 from ..image import normalize, resized
 from ..model.cache import check_kv_quantization
 from ..model.multimodal import image_groups
+from ..prefill import chunk_bounds
+from ..sampling import Sampler
 from ..stop_strings import StopStrings
 from .reuse import CachePool, default_cache_bytes, prompt_key
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams, request_sampler
 
 __all__ = ["Engine", "Handle", "Event", "Usage", "SamplingParams", "RequestError", "ContextLengthError", "QueueFull"]
 
@@ -348,7 +350,7 @@ class Engine:
             r.handle._put(Event("", None, finish_reason="cancelled"))
             return
         r.started = time.perf_counter()
-        r.sampler = Sampler(r.params)
+        r.sampler = request_sampler(r.params)
         r.detok = self.tokenizer.detokenizer
         r.stops = StopStrings(list(r.params.stop))
         cache, n = self.pool.take(r.key, r.owner)

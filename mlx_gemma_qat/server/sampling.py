@@ -1,4 +1,4 @@
-"""Per-request sampling for the server: mlx-lm's filters, and a random generator of the request's own.
+"""Per-request sampling for the server: ``sampling.Sampler`` with a random generator of the request's own.
 
 A request with a ``seed`` draws from its own PRNG key, split once per token, so its text depends on the seed
 alone, never on which other requests run beside it (mlx-lm's samplers draw from MLX's global generator).
@@ -10,7 +10,8 @@ import random
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from ..sampling import Sampler
 
 MAX_TOP_LOGPROBS = 20
 
@@ -45,24 +46,7 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, not {self.seed!r}")
 
 
-class Sampler:
-    """Picks a request's tokens from its log-probabilities (1, vocab)."""
-
-    def __init__(self, params: SamplingParams):
-        self.p = params
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.key = mx.random.key(seed % 2**63)
-
-    def __call__(self, logprobs: mx.array) -> mx.array:
-        p = self.p
-        if p.temperature == 0:
-            return mx.argmax(logprobs, axis=-1)
-        lp = logprobs
-        if 0 < p.top_k < lp.shape[-1]:
-            lp = apply_top_k(lp, p.top_k)
-        if 0 < p.top_p < 1:
-            lp = apply_top_p(lp, p.top_p)
-        if p.min_p > 0:
-            lp = apply_min_p(lp, p.min_p)
-        self.key, sub = mx.random.split(self.key)
-        return mx.random.categorical(lp * (1 / p.temperature), key=sub)
+def request_sampler(params: SamplingParams) -> Sampler:
+    """The request's sampler, drawing from a generator of its own (seeded by ``params.seed``, else at random)."""
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    return Sampler(params.temperature, params.top_p, params.top_k, params.min_p, key=mx.random.key(seed % 2**63))
