@@ -56,6 +56,17 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool =
     return model, tokenizer
 
 
+def load_draft(path_or_repo, tokenizer, *, dtype=None, widen=None):
+    """A draft model for speculative decoding with the model whose tokenizer is ``tokenizer``: loaded as ``load``
+    loads (any Gemma 3 drafts for any other, e.g. the 270M for the 12B QAT), its vocabulary checked against the
+    target's (``speculative.check_vocab``: a ``speculative.DraftError`` otherwise). Pass it as ``draft_model=``."""
+    from .speculative import check_vocab
+
+    draft, draft_tokenizer = load(path_or_repo, dtype=dtype, widen=widen)
+    check_vocab(tokenizer, draft_tokenizer)
+    return draft
+
+
 # Imported eagerly: a lazy wrapper would be replaced by the submodule of the same name (mlx_gemma_qat.generate)
 # as soon as anything imported that submodule.
 from .chat import ChatSession  # noqa: E402
@@ -68,4 +79,4 @@ def convert(*args, **kwargs):
     return _c(*args, **kwargs)
 
 
-__all__ = ["load", "generate", "stream_generate", "ChatSession", "convert", "__version__"]
+__all__ = ["load", "load_draft", "generate", "stream_generate", "ChatSession", "convert", "__version__"]

@@ -17,19 +17,26 @@ from .generate import GenerationResponse, encode_prompt, image_token_ids, stream
 from .image import PanAndScan, crop_counts
 from .model.cache import check_kv_quantization
 from .model.multimodal import image_groups
+from .speculative import ModelDraft, PromptLookup, make_drafter
 
 
 class ChatSession:
     """A conversation with ``model``. ``send`` streams the reply to one user message. ``kv_bits`` (8 or 4; 2, 3,
-    5, 6 also run) keeps the carried-over KV cache quantized, in groups of ``kv_group_size`` along head_dim."""
+    5, 6 also run) keeps the carried-over KV cache quantized, in groups of ``kv_group_size`` along head_dim.
+    ``draft_model`` (``load_draft``) or ``prompt_lookup`` decode speculatively (``speculative.py``), the draft
+    model with a cache of its own that carries over too; ``num_draft_tokens``: tokens drafted per round."""
 
     def __init__(self, model, tokenizer, *, system: str | None = None, pan_and_scan: bool | PanAndScan = False,
-                 kv_bits: int | None = None, kv_group_size: int = 64):
+                 kv_bits: int | None = None, kv_group_size: int = 64, draft_model=None,
+                 num_draft_tokens: int | None = None, prompt_lookup: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.pan_and_scan = pan_and_scan
         check_kv_quantization(kv_bits, kv_group_size, model.cfg.head_dim)
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        # speculative decoding (see stream_generate); a draft model keeps its own cache across turns
+        self.drafter = make_drafter(model, draft_model, prompt_lookup)
+        self.num_draft_tokens = num_draft_tokens
         self.reset()
 
     def _new_cache(self) -> list:
@@ -41,12 +48,15 @@ class ChatSession:
         self.images: list = []  # every image of the conversation, in order
         self.crops: list[int] = []  # pan-and-scan crops of each
         self.cache = self._new_cache()
+        if isinstance(self.drafter, ModelDraft):
+            self.drafter.reset()
         self.cached_ids: list[int] = []  # the tokens the cache holds
         self.reused_tokens = 0  # of the last turn's prompt, how many came from the cache
 
-    def send(self, text: str, images: list | None = None, max_tokens: int = 512, **kwargs) -> Iterator[GenerationResponse]:
+    def send(self, text: str, images: list | None = None, max_tokens: int = 512,
+             **kwargs) -> Iterator[GenerationResponse]:
         """Stream the reply to ``text`` (with ``images``, shown before the text); ``kwargs`` go to
-        ``stream_generate`` (sampling, stop strings, prefill step)."""
+        ``stream_generate`` (sampling, stop strings, prefill step, constraints)."""
         images = list(images or [])
         if images and not hasattr(self.model, "embed_prompt"):
             raise ValueError("this model is text-only: it has no vision tower to read images")
@@ -61,6 +71,10 @@ class ChatSession:
         new_images = self._last_images(ids[n:], self.images + images, crops)
         tokens, reply = [], ""
         try:
+            if self.drafter is not None:
+                kwargs = {"draft_model": self.drafter if isinstance(self.drafter, ModelDraft) else None,
+                          "prompt_lookup": isinstance(self.drafter, PromptLookup),
+                          "num_draft_tokens": self.num_draft_tokens, "cache_ids": self.cached_ids, **kwargs}
             for r in stream_generate(self.model, self.tokenizer, ids[n:], max_tokens, images=new_images or None,
                                      pan_and_scan=self.pan_and_scan, cache=self.cache, **kwargs):
                 tokens.append(r.token)

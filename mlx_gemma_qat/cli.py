@@ -52,6 +52,28 @@ def _constraint_options(fn):
                               "JSON text. The output ends where the constraint is complete.")(fn)
 
 
+def _speculative_options(fn):
+    fn = click.option("--prompt-lookup", is_flag=True,
+                      help="Speculative decoding with drafts from the text so far (n-gram lookup, no second model): "
+                           "fast on rewrites, summaries and code edits.")(fn)
+    fn = click.option("--num-draft-tokens", type=click.IntRange(1, 32), default=None,
+                      help="Tokens drafted per target forward (default: 3 with a draft model, 4 with lookup).")(fn)
+    return click.option("--draft-model", default=None, metavar="MODEL",
+                        help="Speculative decoding with this smaller Gemma 3 as draft (GGUF, MLX or HF folder, repo "
+                             "id; e.g. the 270M for a 12B): same output, fewer big-model steps.")(fn)
+
+
+def _speculation(draft_model, prompt_lookup, tokenizer, dtype, widen) -> dict:
+    """stream_generate's speculative arguments for the --draft-model/--prompt-lookup options (draft loaded here)."""
+    if draft_model is not None and prompt_lookup:
+        raise click.UsageError("give --draft-model or --prompt-lookup, not both")
+    if draft_model is None:
+        return {"prompt_lookup": prompt_lookup}
+    from . import load_draft
+
+    return {"draft_model": load_draft(draft_model, tokenizer, dtype=dtype, widen=widen)}
+
+
 def _constraint(json_schema, json_object, regex, grammar_file):
     """The compiled constraint of the --json-schema/--json/--regex/--grammar options (None without one); a bad
     one raises ConstraintError (a ValueError: one 'Error: ...' line). Cheap: done before the model loads."""
@@ -160,12 +182,13 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
                    "cached prefix are prefilled.")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print speed and memory after the text.")
 @_constraint_options
+@_speculative_options
 @_widen_option
 @_adapter_option
 @_clean_errors
-def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan, dtype,
-             prefill_step, kv_bits, kv_group_size, prompt_cache, stats, json_schema, json_object, regex, grammar_file,
-             widen, adapter_path):
+def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan,
+             dtype, prefill_step, kv_bits, kv_group_size, prompt_cache, stats, json_schema, json_object, regex,
+             grammar_file, draft_model, num_draft_tokens, prompt_lookup, widen, adapter_path):
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import format_stats, stream_generate
@@ -174,11 +197,13 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                seed=seed, chat=chat, system=system, images=list(images) or None, pan_and_scan=pan_and_scan,
-                                prefill_step_size=prefill_step, kv_bits=kv_bits, kv_group_size=int(kv_group_size),
-                                prompt_cache=prompt_cache, constraint=constraint):
+                                seed=seed, chat=chat, system=system, images=list(images) or None,
+                                pan_and_scan=pan_and_scan, prefill_step_size=prefill_step, kv_bits=kv_bits,
+                                kv_group_size=int(kv_group_size), prompt_cache=prompt_cache, constraint=constraint,
+                                num_draft_tokens=num_draft_tokens, **speculation):
         click.echo(last.text, nl=False)
     click.echo()
     if stats and last is not None:
@@ -203,11 +228,13 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @_kv_options
 @click.option("--stats", is_flag=True, help="Print prompt/decode speed and cache use after each reply.")
 @_constraint_options
+@_speculative_options
 @_widen_option
 @_adapter_option
 @_clean_errors
 def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, kv_bits,
-         kv_group_size, stats, json_schema, json_object, regex, grammar_file, widen, adapter_path):
+         kv_group_size, stats, json_schema, json_object, regex, grammar_file, draft_model, num_draft_tokens,
+         prompt_lookup, widen, adapter_path):
     """Chat in the terminal; the KV cache carries over between turns.
 
     Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
@@ -220,7 +247,8 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
-                          kv_group_size=int(kv_group_size))
+                          kv_group_size=int(kv_group_size), num_draft_tokens=num_draft_tokens,
+                          **_speculation(draft_model, prompt_lookup, tok, dtype, widen))
     pending = list(images)
     if seed is not None:
         import mlx.core as mx
