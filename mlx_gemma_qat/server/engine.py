@@ -26,7 +26,8 @@ sampled output follows the target's distribution (speculative rejection sampling
 its own drafter: a ``PromptLookup``, or a ``ModelDraft`` whose KV cache (the engine's ``kv_bits``) is prefilled
 from the request's whole ids at its first round (one go, in that round) and dropped when it ends: draft caches are
 not kept in the reuse pool, so a request that reuses a kept target cache still prefills the draft from the start.
-Its usage has the round's ``SpeculativeStats`` (``Usage.speculative``).
+Its usage has its ``SpeculativeStats`` (``Usage.speculative``). Speculating requests are not batched: each
+round is one forward of its own over k + 1 tokens.
 
 Images arrive as 8-bit RGB at the tower's input size (``load_image``: a quarter of the bytes of their float
 pixel values while a request waits) and are normalized when the request is admitted.
@@ -189,7 +190,8 @@ class Engine:
     Speculative decoding (see the module docstring): ``draft_model``, a loaded Gemma 3 (``mlx_gemma_qat.load``)
     whose vocabulary the caller has checked against the model's (``speculative.check_vocab``), or
     ``prompt_lookup``, not both; ``num_draft_tokens``: tokens drafted per round (None: 3 with a draft model, 4 with
-    prompt lookup), which a request may change (``SamplingParams.num_draft_tokens``).
+    prompt lookup), which a request may change (``SamplingParams.num_draft_tokens``). A draft model's caches are
+    quantized as ``kv_bits``/``kv_group_size`` say (the group size must divide its head_dim too).
     """
 
     def __init__(self, model, tokenizer, *, kv_bits: int | None = None, kv_group_size: int = 64,
