@@ -700,11 +700,20 @@ def _names(ctx, param, value) -> tuple[str, ...]:
 @click.option("--cors-origin", multiple=True, callback=_names, metavar="ORIGINS",
               help="Web origins (e.g. http://localhost:3000) allowed to call the server from a browser; none by "
                    "default, '*': any.")
+@click.option("--draft-model", default=None, metavar="MODEL",
+              help="Speculative decoding with this smaller Gemma 3 as draft (GGUF, MLX or HF folder, repo id; e.g. the "
+                   "270M for a 12B), loaded once at start: same output, fewer big-model steps. Requests may opt out.")
+@click.option("--num-draft-tokens", type=click.IntRange(1, 32), default=None,
+              help="Tokens drafted per target forward (default: 3 with a draft model, 4 with lookup); a request may "
+                   "change it.")
+@click.option("--prompt-lookup", is_flag=True,
+              help="Speculative decoding with drafts from the text so far (n-gram lookup, no second model): fast on "
+                   "rewrites, summaries and code edits. Requests may opt out.")
 @_clean_errors
 def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits, kv_group_size, prompt_cache_size,
           prompt_cache_bytes, no_cross_client_reuse, reuse_slack, parallel, max_queue, max_body, max_images,
           decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype, widen, allow_image_urls,
-          allow_private_urls, allowed_hosts, cors_origin):
+          allow_private_urls, allowed_hosts, cors_origin, draft_model, num_draft_tokens, prompt_lookup):
     """Serve the model over HTTP with OpenAI's API (/v1) and Ollama's (/api), many clients at once."""
     from . import load
     from .models_cache import resolve_model
@@ -713,6 +722,10 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
 
     if allow_private_urls and not allow_image_urls:
         raise click.UsageError("--allow-private-urls needs --allow-image-urls")
+    if draft_model is not None and prompt_lookup:
+        raise click.UsageError("give --draft-model or --prompt-lookup, not both")
+    if num_draft_tokens is not None and draft_model is None and not prompt_lookup:
+        raise click.UsageError("--num-draft-tokens needs --draft-model or --prompt-lookup")
     fetch_policy = None
     if allow_image_urls:
         from dataclasses import replace
@@ -727,13 +740,22 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
     defaults.check()
     folder = resolve_model(model, mmproj=mmproj)
     m, tok = load(folder, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    draft = None
+    if draft_model is not None:  # loaded once; a vocabulary that differs is a DraftError (one 'Error: ...' line)
+        from .speculative import check_vocab
+
+        draft, draft_tok = load(resolve_model(draft_model), dtype=dtype, widen=widen)
+        check_vocab(tok, draft_tok)
     engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
                     cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
-                    prefill_step=prefill_step, parallel=parallel, max_queue=max_queue)
+                    prefill_step=prefill_step, parallel=parallel, max_queue=max_queue, draft_model=draft,
+                    prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
     card = describe_model(m, tok, folder, model_name or default_model_id(model))
     app = create_app(engine, card, defaults=defaults, options=options)
     where = f"[{host}]" if ":" in host else host
-    click.echo(f"serving {card.id} on http://{where}:{port} (OpenAI API: /v1, Ollama API: /api)", err=True)
+    spec = (f", speculative decoding with {'prompt lookup' if prompt_lookup else draft_model} "
+            f"({engine.num_draft} draft tokens)" if engine.speculative else "")
+    click.echo(f"serving {card.id} on http://{where}:{port} (OpenAI API: /v1, Ollama API: /api){spec}", err=True)
     run(app, host, port)
 
 

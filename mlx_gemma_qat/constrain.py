@@ -304,9 +304,9 @@ class Matcher:
             raise ConstraintError(f"the constraint failed: {_first_lines(self._m.get_error())}")
         self.tokens -= n
         if self._digits is not None:
-            state = self._digit_states[-n]
-            del self._digit_states[-n:]
-            self._digits.restore(state)
+            for _ in range(n):  # a deque: no slices
+                state = self._digit_states.pop()
+            self._digits.restore(state)  # the state before the first token rolled back
 
 
 JSON_KINDS = ("json_schema", "json", "tools")

@@ -303,6 +303,59 @@ def _accept(lps: mx.array, draft: Draft, sampler: Sampler) -> tuple[int, int]:
     return a, int(sampler.categorical(mx.log(rest)).item())
 
 
+def _masked(logits: mx.array, mask: mx.array | None) -> mx.array:
+    return logits if mask is None else mx.where(mask, logits, mx.array(-mx.inf, logits.dtype))
+
+
+def speculative_round(
+    model,
+    drafter: ModelDraft | PromptLookup,
+    cache: list,
+    context: list[int],
+    y: int,
+    k: int,
+    sampler: Sampler,
+    matcher=None,
+    stats: SpeculativeStats | None = None,
+) -> tuple[list[int], int, mx.array]:
+    """One round after the target's token ``y`` (not yet in ``cache``; ``context``: the ids before it, which
+    ``cache`` holds): ``matcher`` takes y, the drafter proposes up to ``k`` tokens, the target checks y and them
+    in one forward, and the cache (and matcher) roll back past the rejected ones. Returns (the drafts kept, the
+    target's token after them, the target's log-probabilities (n + 1, width) at y and each draft: row i is the
+    distribution of the token after the i-th one fed). ``cache`` then holds ``context``, y and the drafts kept;
+    ``cache``'s sliding layers need ``k`` tokens of slack (``reserve_slack``)."""
+    width = int(model.cfg.vocab_size)
+    t0 = time.perf_counter()
+    if matcher is not None:
+        matcher.consume(y)
+    draft = drafter.propose(context + [y], k, sampler, width, matcher) if k else Draft([])
+    n = len(draft)
+    fed = mx.array([y])
+    if n:
+        fed = mx.concatenate([fed, draft.tokens if isinstance(draft.tokens, mx.array) else mx.array(draft.tokens)])
+    if n and isinstance(draft.tokens, mx.array):
+        mx.eval(fed, draft.probs if draft.probs is not None else [])  # the draft's forwards run here
+    t1 = time.perf_counter()
+    logits = model(fed[None], cache)[0]  # (n + 1, width)
+    if draft.masks is not None:  # the grammar's mask at each position (none after the end it accepted)
+        ms = draft.masks[: n + 1]
+        ms += [mx.ones((width,), mx.bool_)] * (n + 1 - len(ms))
+        logits = _masked(logits, mx.stack(ms))
+    lps = _logprobs(logits)
+    a, nxt = _accept(lps, draft, sampler)
+    t2 = time.perf_counter()
+    trim_cache(cache, n - a)
+    if matcher is not None:
+        matcher.rollback(n - a)
+    if n and stats is not None:
+        stats.rounds += 1
+        stats.drafted += n
+        stats.accepted += a
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+    return (fed[1 : 1 + a].tolist() if a else []), nxt, lps
+
+
 def speculative_step(
     prompt: mx.array,
     model,
@@ -325,15 +378,11 @@ def speculative_step(
     ``cache`` already holds. When the consumer stops early, the cache is trimmed back to the tokens yielded."""
     check_num_draft(num_draft)
     stats = stats if stats is not None else SpeculativeStats()
-    width = int(model.cfg.vocab_size)
     reserve_slack(cache, num_draft)
     context = [int(t) for t in history] + prompt.tolist()
 
-    def masked(logits, mask):
-        return logits if mask is None else mx.where(mask, logits, mx.array(-mx.inf, logits.dtype))
-
     logits = prefill(model, prompt, cache, prefill_step_size, embeddings=embeddings, groups=groups)
-    lp = _logprobs(masked(logits, None if matcher is None else matcher.mask()))
+    lp = _logprobs(_masked(logits, None if matcher is None else matcher.mask()))
     y = int(sampler(lp).item())
     if on_prefill_done is not None:
         on_prefill_done()
@@ -345,37 +394,10 @@ def speculative_step(
         if left <= 0:
             return
         # this round: feed y and k drafts, keep y and the a drafts accepted, and the target's next token after them
-        k = min(num_draft, left - 1)
-        t0 = time.perf_counter()
-        if matcher is not None:
-            matcher.consume(y)
-        draft = drafter.propose(context + [y], k, sampler, width, matcher) if k else Draft([])
-        n = len(draft)
-        fed = mx.array([y])
-        if n:
-            fed = mx.concatenate([fed, draft.tokens if isinstance(draft.tokens, mx.array) else mx.array(draft.tokens)])
-        if n and isinstance(draft.tokens, mx.array):
-            mx.eval(fed, draft.probs if draft.probs is not None else [])  # the draft's forwards run here
-        t1 = time.perf_counter()
-        logits = model(fed[None], cache)[0]  # (n + 1, width)
-        if draft.masks is not None:  # the grammar's mask at each position (none after the end it accepted)
-            ms = draft.masks[: n + 1]
-            ms += [mx.ones((width,), mx.bool_)] * (n + 1 - len(ms))
-            logits = masked(logits, mx.stack(ms))
-        lps = _logprobs(logits)
-        a, nxt = _accept(lps, draft, sampler)
-        t2 = time.perf_counter()
-        trim_cache(cache, n - a)
-        if matcher is not None:
-            matcher.rollback(n - a)
-        kept = fed[1 : 1 + a].tolist() if a else []
+        kept, nxt, lps = speculative_round(model, drafter, cache, context, y, min(num_draft, left - 1), sampler,
+                                           matcher, stats)
+        a = len(kept)
         context += [y] + kept
-        if n:
-            stats.rounds += 1
-            stats.drafted += n
-            stats.accepted += a
-            stats.draft_s += t1 - t0
-            stats.verify_s += t2 - t1
         for i, t in enumerate(kept):
             try:
                 yield t, lps[i]

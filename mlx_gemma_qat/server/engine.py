@@ -7,13 +7,27 @@ Each round the worker
   2. runs one prefill chunk of one prefilling request (round robin: a long prompt never stalls the others),
   3. runs one decode step of every decoding request: one batched forward (``decode_batch`` > 1: the
      projections and MLP of all rows at once, attention row by row against each row's own cache) or one
-     request after another (a fair queue, for devices where batching does not pay, like MLX's CPU backend),
+     request after another (a fair queue, for devices where batching does not pay, like MLX's CPU backend);
+     a request that speculates (below) runs one speculative round instead, on its own,
   4. streams each request's new text to its client (stop strings held back, as ``generate`` does), finishes
      requests (eos, stop string, max tokens) and keeps their caches for reuse; a cancelled request (its client
      went away) is dropped with its cache.
 
 All MLX work happens on the worker thread; ``submit`` validates on the caller's thread and hands back a
 ``Handle`` whose events arrive on the caller's asyncio loop (or a blocking queue outside one).
+
+Speculative decoding (``speculative.py``): an engine made with a ``draft_model`` or ``prompt_lookup`` lets each
+decoding request (unless its ``SamplingParams`` opt out: ``speculative=False`` or ``num_draft_tokens=0``) run one
+speculative round per engine round: up to k tokens drafted, checked by one target forward over them and the
+pending token, the rejected ones trimmed from the cache (and the grammar's matcher), and the pending token and the
+accepted drafts emitted one by one as plain decoding would emit them (each may finish the request: the cache is then
+trimmed back to the tokens emitted, so a kept cache holds exactly its key). Greedy output is the target's own;
+sampled output follows the target's distribution (speculative rejection sampling). Each speculating request has
+its own drafter: a ``PromptLookup``, or a ``ModelDraft`` whose KV cache (the engine's ``kv_bits``) is prefilled
+from the request's whole ids at its first round (one go, in that round) and dropped when it ends: draft caches are
+not kept in the reuse pool, so a request that reuses a kept target cache still prefills the draft from the start.
+Its usage has its ``SpeculativeStats`` (``Usage.speculative``). Speculating requests are not batched: each
+round is one forward of its own over k + 1 tokens.
 
 Images arrive as 8-bit RGB at the tower's input size (``load_image``: a quarter of the bytes of their float
 pixel values while a request waits) and are normalized when the request is admitted.
@@ -37,10 +51,20 @@ import numpy as np
 from ..constrain import STOP_WITH_CONSTRAINT
 from ..generate import ContextLengthError, context_limit, image_token_ids
 from ..image import normalize, resized
-from ..model.cache import check_kv_quantization
+from ..model.cache import check_kv_quantization, reserve_slack, trim_cache
 from ..model.multimodal import image_groups
 from ..prefill import chunk_bounds
 from ..sampling import Sampler
+from ..speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    DEFAULT_LOOKUP_TOKENS,
+    DraftError,
+    ModelDraft,
+    PromptLookup,
+    SpeculativeStats,
+    check_num_draft,
+    speculative_round,
+)
 from ..stop_strings import StopStrings
 from .reuse import CachePool, default_cache_bytes, prompt_key
 from .sampling import SamplingParams, request_sampler
@@ -64,6 +88,7 @@ class Usage:
     queued_s: float  # waiting before work began
     prompt_s: float  # prefill
     generation_s: float  # decode
+    speculative: dict | None = None  # SpeculativeStats.as_dict() of a request that speculated
 
 
 @dataclass
@@ -135,6 +160,9 @@ class _Request:
     matcher: object = None  # a constrain.Matcher: the request's output is constrained
     sampler: Sampler = None
     cache: list | None = None
+    drafter: ModelDraft | PromptLookup | None = None  # when the request speculates
+    num_draft: int = 0  # tokens drafted per round
+    spec: SpeculativeStats | None = None
     cached: int = 0  # prompt tokens the cache held when the request started
     embeddings: mx.array | None = None  # of the tokens still to prefill, when they include images
     groups: np.ndarray | None = None
@@ -158,12 +186,32 @@ class Engine:
     after another on the CPU, where a batched step costs as much as its rows run apart); ``prefill_step``:
     tokens per prefill chunk; ``parallel``: most requests running at once (each holds a KV cache);
     ``max_queue``: most requests waiting for a slot.
+
+    Speculative decoding (see the module docstring): ``draft_model``, a loaded Gemma 3 (``mlx_gemma_qat.load``)
+    whose vocabulary the caller has checked against the model's (``speculative.check_vocab``), or
+    ``prompt_lookup``, not both; ``num_draft_tokens``: tokens drafted per round (None: 3 with a draft model, 4 with
+    prompt lookup), which a request may change (``SamplingParams.num_draft_tokens``). A draft model's caches are
+    quantized as ``kv_bits``/``kv_group_size`` say (the group size must divide its head_dim too).
     """
 
-    def __init__(self, model, tokenizer, *, kv_bits: int | None = None, kv_group_size: int = 64, cache_entries: int = 8,
-                 cache_bytes: int | None = None, slack: int = 64, decode_batch: int | None = None, prefill_step: int = 256,
-                 parallel: int = 8, max_queue: int = 16):
+    def __init__(self, model, tokenizer, *, kv_bits: int | None = None, kv_group_size: int = 64,
+                 cache_entries: int = 8, cache_bytes: int | None = None, slack: int = 64,
+                 decode_batch: int | None = None, prefill_step: int = 256, parallel: int = 8, max_queue: int = 16,
+                 draft_model=None, prompt_lookup: bool = False, num_draft_tokens: int | None = None):
         check_kv_quantization(kv_bits, kv_group_size, model.cfg.head_dim)
+        if draft_model is not None and prompt_lookup:
+            raise DraftError("give a draft model or prompt lookup, not both")
+        if draft_model is not None:
+            if not hasattr(draft_model, "make_cache") or not hasattr(draft_model, "cfg"):
+                raise DraftError("draft_model must be a loaded Gemma 3 model (mlx_gemma_qat.load)")
+            check_kv_quantization(kv_bits, kv_group_size, draft_model.cfg.head_dim)  # its cache is quantized alike
+        if num_draft_tokens is not None:
+            if draft_model is None and not prompt_lookup:
+                raise DraftError("num_draft_tokens needs a draft model or prompt lookup")
+            check_num_draft(num_draft_tokens)
+        self.draft_model, self.prompt_lookup = draft_model, prompt_lookup
+        self.num_draft = 0 if draft_model is None and not prompt_lookup else (
+            num_draft_tokens or (DEFAULT_LOOKUP_TOKENS if prompt_lookup else DEFAULT_DRAFT_TOKENS))
         if slack < 0 or prefill_step < 1 or parallel < 1 or max_queue < 0:
             raise ValueError("slack must be >= 0, prefill_step >= 1, parallel >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
@@ -208,6 +256,11 @@ class Engine:
 
     def __exit__(self, *exc):
         self.stop()
+
+    @property
+    def speculative(self) -> bool:
+        """Whether requests speculate (unless they opt out)."""
+        return self.num_draft > 0
 
     @property
     def vision(self) -> bool:
@@ -324,8 +377,12 @@ class Engine:
                 r = prefilling[next(self._turn) % len(prefilling)]
                 self._guard(r, self._prefill_chunk)
             decoding = [r for r in self._active if r.y is not None]
-            for i in range(0, len(decoding), self.decode_batch):
-                self._guard_all(decoding[i : i + self.decode_batch], self._decode)
+            plain = [r for r in decoding if r.drafter is None]
+            for i in range(0, len(plain), self.decode_batch):
+                self._guard_all(plain[i : i + self.decode_batch], self._decode)
+            for r in decoding:
+                if r.drafter is not None:
+                    self._guard(r, self._speculate)
 
     def _guard(self, r: _Request, fn) -> None:
         self._guard_all([r], lambda rs: fn(rs[0]))
@@ -356,6 +413,13 @@ class Engine:
         cache, n = self.pool.take(r.key, r.owner)
         r.cache = cache if cache is not None else self.model.make_cache(self.kv_bits, self.kv_group_size, self.slack)
         r.cached = n
+        k = self._num_draft(r.params)
+        if k:
+            r.num_draft, r.spec = k, SpeculativeStats()
+            reserve_slack(r.cache, k)  # a round trims up to k rejected drafts on sliding layers too
+            r.drafter = PromptLookup() if self.prompt_lookup else ModelDraft(
+                self.draft_model, skip=() if self._image_ids is None else (self._image_ids[2],), kv_bits=self.kv_bits,
+                kv_group_size=self.kv_group_size, prefill_step_size=self.prefill_step)
         rest = np.array(r.ids[n:])
         if self._image_ids is not None and (rest == self._image_ids[2]).any():
             groups = image_groups(rest, self._image_ids[2])
@@ -415,7 +479,34 @@ class Engine:
                 r.y, r.lp = y, lp
         mx.eval([x for _, y, lp in nexts for x in (y, lp)])
 
-    def _emit(self, r: _Request) -> None:
+    def _num_draft(self, params: SamplingParams) -> int:
+        """Tokens drafted per round for a request (0: it decodes plainly)."""
+        if not self.speculative or not params.speculative:
+            return 0
+        return self.num_draft if params.num_draft_tokens is None else params.num_draft_tokens
+
+    def _speculate(self, r: _Request) -> None:
+        """One speculative round of a decoding request: its pending token and the drafts the target accepts are
+        emitted (as ``_decode`` would emit them one step at a time), and the target's next token becomes pending."""
+        left = r.max_tokens - len(r.tokens) - 1  # tokens it may emit after the pending one
+        if left <= 0:
+            self._emit(r)  # its last token: not fed (as in ``_decode``)
+            return
+        y = int(r.y.item())
+        kept, nxt, lps = speculative_round(self.model, r.drafter, r.cache, r.ids + r.tokens, y,
+                                           min(r.num_draft, left - 1), r.sampler, r.matcher, r.spec)
+        a = len(kept)
+        for i, t in enumerate([y] + kept):
+            if i:
+                r.y, r.lp = mx.array([t]), lps[i - 1 : i]
+            self._emit(r, unfed=a - i)  # the cache holds the a - i accepted drafts after this token
+            if r.cache is None:  # finished by it
+                return
+        r.y, r.lp = mx.array([nxt]), lps[a : a + 1]
+        mx.eval(r.lp)
+
+    def _emit(self, r: _Request, unfed: int = 0) -> None:
+        """Emit the pending token; ``unfed``: tokens after it the cache already holds (trimmed if it finishes)."""
         token = int(r.y.item())
         r.tokens.append(token)
         logprob = top = None
@@ -439,16 +530,18 @@ class Engine:
             elif len(r.tokens) >= r.max_tokens:
                 r.detok.finalize()
                 text, finish = text + r.stops.flush(r.detok.last_segment), "length"
-        usage = self._finish(r) if finish else None
+        usage = self._finish(r, unfed) if finish else None
         r.handle._put(Event(text, token, logprob, top, finish, usage))
 
-    def _finish(self, r: _Request) -> Usage:
+    def _finish(self, r: _Request, unfed: int = 0) -> Usage:
         now = time.perf_counter()
         self._active.remove(r)
-        r.y = r.lp = None
+        r.y = r.lp = r.drafter = None
+        trim_cache(r.cache, unfed)  # speculation fed accepted drafts beyond the finishing token
         fed = r.cache[0].offset  # the prompt and every emitted token fed back (not a last one at max tokens)
         self.pool.put(np.concatenate([r.key, np.array(r.tokens, np.int64)])[:fed], r.cache, r.owner)
         r.cache = None
         return Usage(
             prompt_tokens=len(r.ids), completion_tokens=len(r.tokens), cached_tokens=r.cached,
-            queued_s=r.started - r.submitted, prompt_s=r.prefilled - r.started, generation_s=now - r.prefilled)
+            queued_s=r.started - r.submitted, prompt_s=r.prefilled - r.started, generation_s=now - r.prefilled,
+            speculative=None if r.spec is None else r.spec.as_dict())

@@ -1,15 +1,17 @@
 """Ollama's API under /api: chat, generate, the model list, show and version, so Ollama clients can use the
 server as they would a local Ollama.
 
-As in Ollama, answers stream by default, as newline-delimited JSON objects (``"done": false`` with each
-piece of text, then one ``"done": true`` with the finish reason and timings in nanoseconds); ``"stream":
-false`` gives the one final object with the whole text. A request with no prompt (generate) or no messages
-(chat) answers done at once with ``"done_reason": "load"``, which is how Ollama clients load a model.
-Sampling comes from ``options`` (temperature, top_p, top_k, min_p, seed, num_predict, stop; num_ctx and the
-others Ollama has are ignored: the context is the model's). Images are base64 strings. ``format`` ("json" or
-a JSON schema) constrains the output (``structured.py``); chat takes ``tools`` and conversations with
-``tool_calls`` and ``tool`` results (``tools.py``), and answers calls as ``message.tool_calls``; ``suffix`` and
-``think`` are refused rather than ignored.
+As in Ollama, answers stream by default, as newline-delimited JSON objects (``"done": false`` with each piece of
+text, then one ``"done": true`` with the finish reason and timings in nanoseconds); ``"stream": false`` gives the
+one final object with the whole text. A request with no prompt (generate) or no messages (chat) answers done at once
+with ``"done_reason": "load"``, which is how Ollama clients load a model. Sampling comes from ``options``
+(temperature, top_p, top_k, min_p, seed, num_predict, stop; num_ctx and the others Ollama has are ignored: the
+context is the model's). On a server that speculates, ``options.speculative`` (false: plain decoding) and
+``options.num_draft_tokens`` (drafted tokens per round; 0: off) are this server's own, and the final object of a
+request that speculated has its stats in ``speculative``. Images are base64 strings. ``format`` ("json" or a JSON
+schema) constrains the output (``structured.py``); chat takes ``tools`` and conversations with ``tool_calls`` and
+``tool`` results (``tools.py``), and answers calls as ``message.tool_calls``; ``suffix`` and ``think`` are refused
+rather than ignored.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from starlette.routing import Route
 from ..tools import CallStream, parse_reply
 from .engine import SamplingParams
 from .errors import public_error
-from .prompts import BadRequest, chat_ids, field, image_source, ollama_messages, stop_strings, text_ids
+from .prompts import BadRequest, chat_ids, field, image_source, ollama_messages, speculation, stop_strings, text_ids
 from .structured import ToolUse, ollama_format, one_constraint, tool_use
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ def _sampling(body: dict, defaults: SamplingParams, context: int) -> SamplingPar
         top_k=opt("top_k", int, defaults.top_k), min_p=opt("min_p", float, defaults.min_p),
         seed=None if seed is None or seed < 0 else seed,  # Ollama's -1: a random seed
         stop=stop_strings(opts.get("stop"), "options.stop"),
+        **speculation(opts, "speculative", "num_draft_tokens", where="options."),
     )
 
 
@@ -201,7 +204,8 @@ class _Reply:
         return {**self.piece(text, True, calls), "done_reason": last.finish_reason,
                 "total_duration": int((time.perf_counter() - self.started) * ns), "load_duration": 0,
                 "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": int(u.prompt_s * ns),
-                "eval_count": u.completion_tokens, "eval_duration": int(u.generation_s * ns)}
+                "eval_count": u.completion_tokens, "eval_duration": int(u.generation_s * ns),
+                **({"speculative": u.speculative} if u.speculative is not None else {})}
 
     def whole(self, events: list) -> dict:
         text = "".join(e.text for e in events)

@@ -1,15 +1,17 @@
 """OpenAI's API under /v1: the model list, chat completions and (legacy) text completions.
 
-Answers come whole or, with ``"stream": true``, as server-sent events (``data: {chunk}`` lines, then
-``data: [DONE]``), in the shapes the official client reads: a chat stream's first chunk carries the role,
-the last one the finish reason, and with ``stream_options.include_usage`` one more chunk with no choices
-carries the usage. Log-probabilities come in the chat shape (``logprobs``/``top_logprobs``:
-``choices[0].logprobs.content``) or the legacy completions one (``logprobs: N``: tokens, token_logprobs,
-top_logprobs, text_offset). ``response_format`` (``json_object``, ``json_schema``) constrains the output on
-both endpoints (``structured.py``). Chat takes ``tools``, ``tool_choice`` and ``parallel_tool_calls``, and
-conversations with calls and results (``tools.py``): calls come back as ``message.tool_calls`` (streamed as
-``delta.tool_calls``, each when it is complete) with ``finish_reason: "tool_calls"``. One choice per request
-(``n`` > 1 is refused); ``echo`` and ``suffix`` are refused rather than ignored.
+Answers come whole or, with ``"stream": true``, as server-sent events (``data: {chunk}`` lines, then ``data:
+[DONE]``), in the shapes the official client reads: a chat stream's first chunk carries the role, the last one the
+finish reason, and with ``stream_options.include_usage`` one more chunk with no choices carries the usage.
+Log-probabilities come in the chat shape (``logprobs``/``top_logprobs``: ``choices[0].logprobs.content``) or the
+legacy completions one (``logprobs: N``: tokens, token_logprobs, top_logprobs, text_offset). On a server that
+speculates (``--draft-model``, ``--prompt-lookup``) a request may opt out with ``"speculative": false`` or set its
+drafted tokens per round with llama.cpp's ``"speculative.n_max": N`` (0: off); the usage of a request that
+speculated has its stats in ``usage.speculative``. ``response_format`` (``json_object``, ``json_schema``) constrains
+the output on both endpoints (``structured.py``). Chat takes ``tools``, ``tool_choice`` and ``parallel_tool_calls``,
+and conversations with calls and results (``tools.py``): calls come back as ``message.tool_calls`` (streamed as
+``delta.tool_calls``, each when it is complete) with ``finish_reason: "tool_calls"``. One choice per request (``n``
+> 1 is refused); ``echo`` and ``suffix`` are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from starlette.routing import Route
 from ..tools import CallStream, parse_reply
 from .engine import SamplingParams
 from .errors import public_error
-from .prompts import BadRequest, chat_ids, field, openai_messages, stop_strings, text_ids
+from .prompts import BadRequest, chat_ids, field, openai_messages, speculation, stop_strings, text_ids
 from .structured import one_constraint, response_format, tool_use
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
         temperature=field(body, "temperature", float, defaults.temperature),
         top_p=field(body, "top_p", float, defaults.top_p), top_k=field(body, "top_k", int, defaults.top_k),
         min_p=field(body, "min_p", float, defaults.min_p), seed=field(body, "seed", int),
-        stop=stop_strings(body.get("stop"), "stop"),
+        stop=stop_strings(body.get("stop"), "stop"), **speculation(body, "speculative", "speculative.n_max"),
     )
 
 
@@ -174,8 +176,8 @@ class _Reply:
                 text = self._text(token)
                 return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-            return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs or []]}
-                                for e in events]}
+            return {"content": [{**entry(e.token, e.logprob),
+                                 "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs or []]} for e in events]}
         tokens = [self._text(e.token) for e in events]
         offsets = []
         for t in tokens:
@@ -243,6 +245,8 @@ def _finish(reason: str, called: bool) -> str:
 
 
 def _usage(u) -> dict:
+    """OpenAI's usage object; with speculation, its stats as the extension field ``speculative``."""
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            **({"speculative": u.speculative} if u.speculative is not None else {})}

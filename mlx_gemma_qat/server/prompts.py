@@ -28,6 +28,7 @@ import anyio
 from jinja2 import TemplateError
 
 from ..generate import ContextLengthError, encode_prompt, image_token_ids
+from ..speculative import MAX_DRAFT_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,16 @@ def field(body: dict, name: str, kind: type, default=None, *, required: bool = F
     if not ok:
         raise BadRequest(f"'{param}' must be {_NAMES[kind]}, not {type(value).__name__}", param=param)
     return value
+
+
+def speculation(body: dict, flag: str, n_max: str, *, where: str = "") -> dict:
+    """A request's speculative-decoding fields as ``SamplingParams``' ``speculative`` and ``num_draft_tokens``:
+    ``flag`` (false: plain decoding) and ``n_max`` (tokens drafted per round, 0 to ``MAX_DRAFT_TOKENS``; 0: plain
+    decoding). They change nothing on a server that does not speculate."""
+    n = field(body, n_max, int, where=where)
+    if n is not None and not 0 <= n <= MAX_DRAFT_TOKENS:
+        raise BadRequest(f"'{where}{n_max}' must be between 0 and {MAX_DRAFT_TOKENS}, not {n}", param=where + n_max)
+    return {"speculative": field(body, flag, bool, True, where=where), "num_draft_tokens": n}
 
 
 def stop_strings(value, param: str) -> tuple[str, ...]:

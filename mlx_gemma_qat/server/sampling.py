@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..sampling import Sampler
+from ..speculative import MAX_DRAFT_TOKENS
 
 MAX_TOP_LOGPROBS = 20
 
@@ -27,6 +28,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False  # report the sampled token's log-probability
     top_logprobs: int = 0  # and the n most likely (0..20)
+    speculative: bool = True  # False: plain decoding on a server that speculates (a draft model or prompt lookup)
+    num_draft_tokens: int | None = None  # tokens drafted per round (None: the server's; 0: plain decoding)
 
     def check(self) -> None:
         """Raise ValueError for values no sampler can use."""
@@ -44,6 +47,11 @@ class SamplingParams:
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], not {self.top_logprobs!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, not {self.seed!r}")
+        if not isinstance(self.speculative, bool):
+            raise ValueError(f"speculative must be true or false, not {self.speculative!r}")
+        n = self.num_draft_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_DRAFT_TOKENS):
+            raise ValueError(f"num_draft_tokens must be an integer in [0, {MAX_DRAFT_TOKENS}], not {n!r}")
 
 
 def request_sampler(params: SamplingParams) -> Sampler:
