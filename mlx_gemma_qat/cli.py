@@ -63,10 +63,13 @@ def _speculative_options(fn):
                              "id; e.g. the 270M for a 12B): same output, fewer big-model steps.")(fn)
 
 
-def _speculation(draft_model, prompt_lookup, tokenizer, dtype, widen) -> dict:
-    """stream_generate's speculative arguments for the --draft-model/--prompt-lookup options (draft loaded here)."""
+def _speculation(draft_model, prompt_lookup, tokenizer, dtype, widen, num_draft_tokens=None) -> dict:
+    """The speculative arguments (of stream_generate, ChatSession, Engine) for the --draft-model/--prompt-lookup
+    options, the draft loaded here, once (a vocabulary that differs is a DraftError: one 'Error: ...' line)."""
     if draft_model is not None and prompt_lookup:
         raise click.UsageError("give --draft-model or --prompt-lookup, not both")
+    if num_draft_tokens is not None and draft_model is None and not prompt_lookup:
+        raise click.UsageError("--num-draft-tokens needs --draft-model or --prompt-lookup")
     if draft_model is None:
         return {"prompt_lookup": prompt_lookup}
     from . import load_draft
@@ -197,7 +200,7 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
-    speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen)
+    speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 seed=seed, chat=chat, system=system, images=list(images) or None,
@@ -248,7 +251,7 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size), num_draft_tokens=num_draft_tokens,
-                          **_speculation(draft_model, prompt_lookup, tok, dtype, widen))
+                          **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
     pending = list(images)
     if seed is not None:
         import mlx.core as mx
@@ -700,15 +703,7 @@ def _names(ctx, param, value) -> tuple[str, ...]:
 @click.option("--cors-origin", multiple=True, callback=_names, metavar="ORIGINS",
               help="Web origins (e.g. http://localhost:3000) allowed to call the server from a browser; none by "
                    "default, '*': any.")
-@click.option("--draft-model", default=None, metavar="MODEL",
-              help="Speculative decoding with this smaller Gemma 3 as draft (GGUF, MLX or HF folder, repo id; e.g. the "
-                   "270M for a 12B), loaded once at start: same output, fewer big-model steps. Requests may opt out.")
-@click.option("--num-draft-tokens", type=click.IntRange(1, 32), default=None,
-              help="Tokens drafted per target forward (default: 3 with a draft model, 4 with lookup); a request may "
-                   "change it.")
-@click.option("--prompt-lookup", is_flag=True,
-              help="Speculative decoding with drafts from the text so far (n-gram lookup, no second model): fast on "
-                   "rewrites, summaries and code edits. Requests may opt out.")
+@_speculative_options
 @_clean_errors
 def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits, kv_group_size, prompt_cache_size,
           prompt_cache_bytes, no_cross_client_reuse, reuse_slack, parallel, max_queue, max_body, max_images,
@@ -722,10 +717,6 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
 
     if allow_private_urls and not allow_image_urls:
         raise click.UsageError("--allow-private-urls needs --allow-image-urls")
-    if draft_model is not None and prompt_lookup:
-        raise click.UsageError("give --draft-model or --prompt-lookup, not both")
-    if num_draft_tokens is not None and draft_model is None and not prompt_lookup:
-        raise click.UsageError("--num-draft-tokens needs --draft-model or --prompt-lookup")
     fetch_policy = None
     if allow_image_urls:
         from dataclasses import replace
@@ -740,16 +731,10 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
     defaults.check()
     folder = resolve_model(model, mmproj=mmproj)
     m, tok = load(folder, dtype=dtype, widen=widen, adapter_path=adapter_path)
-    draft = None
-    if draft_model is not None:  # loaded once; a vocabulary that differs is a DraftError (one 'Error: ...' line)
-        from .speculative import check_vocab
-
-        draft, draft_tok = load(resolve_model(draft_model), dtype=dtype, widen=widen)
-        check_vocab(tok, draft_tok)
     engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
                     cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
-                    prefill_step=prefill_step, parallel=parallel, max_queue=max_queue, draft_model=draft,
-                    prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens)
+                    prefill_step=prefill_step, parallel=parallel, max_queue=max_queue,
+                    num_draft_tokens=num_draft_tokens, **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
     card = describe_model(m, tok, folder, model_name or default_model_id(model))
     app = create_app(engine, card, defaults=defaults, options=options)
     where = f"[{host}]" if ":" in host else host

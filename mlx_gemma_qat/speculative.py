@@ -139,6 +139,20 @@ class Draft:
         return len(self.tokens) if isinstance(self.tokens, list) else self.tokens.size
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix (slices compare at C speed; a mismatch is searched by halving)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo + 1 < hi:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class ModelDraft:
     """A draft model with its own KV cache, which follows the target's tokens: ``sync`` trims what the target did
     not keep and prefills what the draft has not seen. Keep one per conversation to reuse its cache across turns.
@@ -171,13 +185,7 @@ class ModelDraft:
         ctx = self._visible(context)
         if not ctx:
             raise DraftError("the draft sees no token of the context")
-        c = 0
-        for c, (a, b) in enumerate(zip(self.tokens, ctx)):  # noqa: B007 - c is the common prefix's length
-            if a != b:
-                break
-        else:
-            c = min(len(self.tokens), len(ctx))
-        c = min(c, len(ctx) - 1)  # the last token is always fed: its logits draft the next
+        c = min(_common_prefix(self.tokens, ctx), len(ctx) - 1)  # the last token is always fed: it drafts the next
         drop = len(self.tokens) - c
         if self.cache is None or not can_trim(self.cache, drop):
             self.cache = self.model.make_cache(self.kv_bits, self.kv_group_size, slack)
@@ -292,15 +300,18 @@ def _accept(lps: mx.array, draft: Draft, sampler: Sampler) -> tuple[int, int]:
     tokens = mx.array(draft.tokens) if isinstance(draft.tokens, list) else draft.tokens
     p = sampler.probs(lps)  # (n + 1, width)
     rows = mx.arange(n)
-    pd = p[rows, tokens]
-    qd = draft.probs[rows, tokens] if draft.probs is not None else mx.ones((n,), mx.float32)
-    keep = (sampler.uniform((n,)) * qd < pd).tolist()  # u < p/q, with q(d) > 0 for a drawn d
+    if draft.probs is not None:
+        q = draft.probs
+    else:  # point masses
+        q = (mx.arange(p.shape[-1])[None] == tokens[:, None]).astype(mx.float32)
+    keep = sampler.uniform((n,)) * q[rows, tokens] < p[rows, tokens]  # u < p(d)/q(d), with q(d) > 0 for a drawn d
+    # one draw per position, all in one evaluation: from max(0, p - q) where a draft may be rejected (p(d) < q(d)
+    # there, so some mass is left), from p after the last draft; only the one after the first rejection is used
+    rest = mx.concatenate([mx.maximum(p[:n] - q, 0.0), p[n:]])
+    draws = sampler.categorical(mx.log(rest))
+    keep, draws = keep.tolist(), draws.tolist()
     a = next((i for i, ok in enumerate(keep) if not ok), n)
-    if a == n:
-        return n, int(sampler.categorical(mx.log(p[n])).item())
-    q = draft.probs[a] if draft.probs is not None else (mx.arange(p.shape[-1]) == tokens[a]).astype(mx.float32)
-    rest = mx.maximum(p[a] - q, 0.0)  # p(d) < q(d) here, so some mass is left
-    return a, int(sampler.categorical(mx.log(rest)).item())
+    return a, draws[a]
 
 
 def _masked(logits: mx.array, mask: mx.array | None) -> mx.array:
