@@ -257,9 +257,10 @@ def format_report(rep: Report, context: int, kv_bits: int | None = None, kv_grou
         row("total", "", "", rep.params, total_bytes, totals),
         "",
         f"size on disk: {rep.file_bytes / mib:.1f} MiB",
-        f"memory for weights: {rep.weight_memory_stored / mib:.1f} MiB at the stored precision (the GPU default: "
-        f"bfloat16 compute; on the CPU with --no-widen), {rep.memory('float32') / mib:.1f} MiB with float32 "
-        f"quantized scales (--scales float32), {rep.weight_memory / mib:.1f} MiB with the CPU defaults "
+        f"memory for weights: {rep.weight_memory_stored / mib:.1f} MiB at the stored precision (bfloat16 compute "
+        f"with --scales stored; the CPU with --no-widen), {rep.memory('float32') / mib:.1f} MiB with float32 "
+        f"quantized scales (--scales float32: the GPU default where it fits), {rep.weight_memory / mib:.1f} MiB "
+        "with the CPU defaults "
         "(float32 compute, float16/bfloat16 tensors and scales widened to float32 for speed)",
         f"KV cache at context {context}: " + ", ".join(kv),
         "",
@@ -309,8 +310,8 @@ def format_bytes_per_token(rep: Report, context: int, kv_bits: int | None = None
                           kv_bytes_per_token(c, full, "stored"))
     lines += [
         f"  + KV cache read per token at context {context}: " + ", ".join(kv),
-        "  * modelled only (not a loader option): float16 activations overflow in places; see "
-        "scripts/check_f16_decode_results.md",
+        "  * modelled only, not a loader option: exact only in Metal's decode kernel, and the matmuls' float16 "
+        "outputs have no bound below 65504 (scripts/check_f16_decode_results.md)",
         "  widened = written by the per-call astype (read again by the kernel); bits/q.w. = moved per weight of the "
         "quantized linears",
         f"loader default on a GPU (bfloat16 compute): float32 scales when the weights held so plus a bfloat16 KV cache "

@@ -10,7 +10,8 @@ bits moved per token. The ways of holding (``HOLDINGS``) and what they move per 
 - ``float32``: scales and biases held once in the type the matmul computes in (float32 for float16 scales; what the
   loader's ``scales="float32"`` does): the kernel reads 4 + 2 = 6 bits, nothing is widened per call.
 - ``float16``: float16 activations into the quantized matmuls, float16 scales read as stored: 4 + 1 = 5 bits.
-  Modelled only: the loader does not offer it (scripts/check_f16_decode_results.md says why).
+  Modelled only: the loader does not offer it (exact only in Metal's decode kernel, and the matmuls' float16
+  outputs have no bound below 65504; scripts/check_f16_decode_results.md).
 - ``widen``: the CPU default: float32 compute, every float16/bfloat16 tensor and scale held as float32.
 
 K-quant scales are float32 as stored, so only their kernel read counts, under every holding. Per token, every
