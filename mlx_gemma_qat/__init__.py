@@ -29,7 +29,8 @@ def _device_from_env() -> None:
 _device_from_env()
 
 
-def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool = False, adapter_path=None):
+def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, scales=None, lazy: bool = False,
+         adapter_path=None):
     """Return ``(model, tokenizer)`` like ``mlx_lm.load``.
 
     ``path_or_repo``: an MLX folder, a GGUF file, a Hugging Face folder or repo id; None for the
@@ -38,6 +39,9 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool =
     ``dtype``: compute dtype, by default float32 on the CPU and bfloat16 on a GPU.
     ``widen``: hold float16/bfloat16 weights (and quantization scales) as float32 copies: exact, faster on
     the CPU, more memory. Default: on when computing in float32 (the CPU); off keeps the stored precision.
+    ``scales``: "stored" or "float32": quantized scales held as the file stores them, or widened once (exact,
+    fewer bytes read per decoded token on a GPU). Default: float32 with bfloat16 compute when it fits the
+    device's memory (see model/load.py), else stored; ``model.holding`` says which was used.
     ``adapter_path``: a LoRA adapter folder (``mlx-gemma lora``) to run with, checked against the model.
     """
     from mlx_lm.utils import load_tokenizer
@@ -46,7 +50,7 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, lazy: bool =
     from .models_cache import resolve_model
 
     folder = resolve_model(path_or_repo, mmproj=mmproj)
-    model = load_model(folder, dtype=dtype, lazy=lazy, widen=widen)
+    model = load_model(folder, dtype=dtype, lazy=lazy, widen=widen, scales=scales)
     if adapter_path is not None:
         from .lora.adapters import load_adapters
 

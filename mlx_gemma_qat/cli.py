@@ -39,6 +39,15 @@ def _widen_option(fn):
              "(default: on with float32 compute, i.e. the CPU; --no-widen keeps the file's precision).")(fn)
 
 
+def _scales_option(fn):
+    return click.option(
+        "--scales", type=click.Choice(["stored", "float32"]), default=None,
+        help="How quantized scales are held with bfloat16 compute: stored (float16 as in the file; MLX widens them "
+             "to float32 on every matmul) or float32 (widened once: exact, fewer bytes read per token, 1 bit per "
+             "weight more memory). Default: float32 when that and the KV cache fit the device's memory, on a GPU; "
+             "the CPU keeps --widen's rule. `mlx-gemma inspect` shows the bytes per token of each.")(fn)
+
+
 def _constraint_options(fn):
     fn = click.option("--grammar", "grammar_file", default=None, metavar="FILE",
                       help="Constrain the output to a Lark grammar (llguidance's dialect, starting at `start`) "
@@ -187,11 +196,12 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
 @_constraint_options
 @_speculative_options
 @_widen_option
+@_scales_option
 @_adapter_option
 @_clean_errors
 def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan,
              dtype, prefill_step, kv_bits, kv_group_size, prompt_cache, stats, json_schema, json_object, regex,
-             grammar_file, draft_model, num_draft_tokens, prompt_lookup, widen, adapter_path):
+             grammar_file, draft_model, num_draft_tokens, prompt_lookup, widen, scales, adapter_path):
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import format_stats, stream_generate
@@ -199,7 +209,7 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     if prompt == "-":
         prompt = sys.stdin.read()
-    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
     speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -233,11 +243,12 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @_constraint_options
 @_speculative_options
 @_widen_option
+@_scales_option
 @_adapter_option
 @_clean_errors
 def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, kv_bits,
          kv_group_size, stats, json_schema, json_object, regex, grammar_file, draft_model, num_draft_tokens,
-         prompt_lookup, widen, adapter_path):
+         prompt_lookup, widen, scales, adapter_path):
     """Chat in the terminal; the KV cache carries over between turns.
 
     Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
@@ -248,7 +259,7 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     from .generate import format_stats
 
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
-    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size), num_draft_tokens=num_draft_tokens,
                           **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
@@ -325,12 +336,15 @@ def cache_prompt(model, prompt, out, chat, dtype, prefill_step, kv_bits, kv_grou
 @click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
               help="Show the KV cache at these bits (default: 8 and 4 beside float32 and bfloat16).")
 @click.option("--kv-group-size", type=int, default=64, show_default=True, help="Group size of the quantized KV cache.")
+@_scales_option
 @_clean_errors
-def inspect(path, context, kv_bits, kv_group_size):
-    """Show architecture, per-tensor precision, size on disk and memory once loaded of a GGUF file or MLX folder."""
+def inspect(path, context, kv_bits, kv_group_size, scales):
+    """Show architecture, per-tensor precision, size on disk, memory once loaded and bytes read per decoded token
+    of a GGUF file or MLX folder."""
     from .inspect import format_report, inspect_path
 
-    click.echo(format_report(inspect_path(path), context, int(kv_bits) if kv_bits else None, kv_group_size))
+    click.echo(format_report(inspect_path(path), context, int(kv_bits) if kv_bits else None, kv_group_size,
+                             scales))
 
 
 def _rerun_with_resume() -> str | None:
@@ -692,6 +706,7 @@ def _names(ctx, param, value) -> tuple[str, ...]:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
 @_widen_option
+@_scales_option
 @click.option("--allow-image-urls", is_flag=True,
               help="Fetch images that requests give as http(s) URLs (off: only images sent in the request). "
                    "Public addresses only, within a time and size limit.")
@@ -707,7 +722,7 @@ def _names(ctx, param, value) -> tuple[str, ...]:
 @_clean_errors
 def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits, kv_group_size, prompt_cache_size,
           prompt_cache_bytes, no_cross_client_reuse, reuse_slack, parallel, max_queue, max_body, max_images,
-          decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype, widen, allow_image_urls,
+          decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype, widen, scales, allow_image_urls,
           allow_private_urls, allowed_hosts, cors_origin, draft_model, num_draft_tokens, prompt_lookup):
     """Serve the model over HTTP with OpenAI's API (/v1) and Ollama's (/api), many clients at once."""
     from . import load
@@ -730,7 +745,7 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
     defaults = SamplingParams(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     defaults.check()
     folder = resolve_model(model, mmproj=mmproj)
-    m, tok = load(folder, dtype=dtype, widen=widen, adapter_path=adapter_path)
+    m, tok = load(folder, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
     engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
                     cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
                     prefill_step=prefill_step, parallel=parallel, max_queue=max_queue,

@@ -51,7 +51,7 @@ def _active_bytes(path, **kw):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stored_dtypes_kept_without_widening(qat_folder, dtype):
     folder, _ = qat_folder
-    m = load_model(folder, dtype=dtype, widen=False)
+    m = load_model(folder, dtype=dtype, widen=False, scales="stored")
     dt = _dtypes(m)
     assert dt["model.embed_tokens.weight"] == mx.float16
     assert dt["model.layers.0.self_attn.q_proj.scales"] == mx.float16
@@ -120,7 +120,7 @@ def test_quantized_embedding_lookup_is_exact_with_float16_scales():
 def test_tied_quantized_head_holds_float32_scales(q8_embed_folder):
     """The Q8_0 embedding is also the head: its scales are widened once at load, not on every token."""
     folder, expected = q8_embed_folder
-    m = load_model(folder, dtype="bfloat16")
+    m = load_model(folder, dtype="bfloat16", scales="stored")
     assert m.model.embed_tokens.scales.dtype == mx.float32
     assert m.model.layers[0].self_attn.q_proj.scales.dtype == mx.float16
     assert m.model.layers[1].mlp.down_proj.scales.dtype == mx.float16  # Q5_1: d and m are float16 values
@@ -129,7 +129,7 @@ def test_tied_quantized_head_holds_float32_scales(q8_embed_folder):
 
 
 @pytest.mark.parametrize("kw,load", [({"dtype": "float32"}, "cpu"), ({"dtype": "float32", "widen": False}, "stored"),
-                                     ({"dtype": "bfloat16"}, "stored")])
+                                     ({"dtype": "bfloat16", "scales": "stored"}, "stored")])
 @pytest.mark.parametrize("which", ["qat", "q8"])
 def test_inspect_predicts_loaded_bytes(qat_folder, q8_embed_folder, kw, load, which):
     folder = (qat_folder if which == "qat" else q8_embed_folder)[0]
@@ -146,7 +146,7 @@ def test_inspect_predicts_loaded_bytes(qat_folder, q8_embed_folder, kw, load, wh
 def test_quantized_linears_at_stored_size(qat_folder):
     """Q4_0 in MLX's affine form: 4 bits + a float16 scale and bias per 32 = 5.0 bits (GGML: 4.5)."""
     folder, _ = qat_folder
-    m = load_model(folder, dtype="bfloat16")
+    m = load_model(folder, dtype="bfloat16", scales="stored")
     layer = m.model.layers[0].mlp.gate_proj
     n = layer.weight.shape[0] * layer.weight.shape[1] * 32 // 4
     held = layer.weight.nbytes + layer.scales.nbytes + layer.biases.nbytes
@@ -185,7 +185,7 @@ def _gguf_linear_bytes(r: gguf.GGUFReader) -> int:
 def test_real_qat_layout_held_at_its_stored_size(real_qat_gguf, real_qat_270m):
     """Google's layout: Q4_0 linears at 5.0/4.5 = 1.11x their GGUF bytes, the F16 embedding at 1.00x and
     bit-exact, on the bfloat16 path; inspect's prediction is what MLX holds."""
-    m, held = _active_bytes(real_qat_270m, dtype="bfloat16")
+    m, held = _active_bytes(real_qat_270m, dtype="bfloat16", scales="stored")
     r = gguf.GGUFReader(str(real_qat_gguf))  # parsing its 262k-token vocabulary takes seconds: once
     assert _linear_bytes(m) / _gguf_linear_bytes(r) == pytest.approx(5.0 / 4.5)
     emb = m.model.embed_tokens.weight
@@ -213,7 +213,7 @@ def test_real_qat_layout_paths_agree(real_qat_270m):
 
 @pytest.mark.real
 def test_real_k_quant_mix_keeps_float32_scales_only_where_needed(real_270m):
-    m, held = _active_bytes(real_270m, dtype="bfloat16")
+    m, held = _active_bytes(real_270m, dtype="bfloat16", scales="stored")
     layer = m.model.layers[0]
     assert layer.self_attn.q_proj.scales.dtype == mx.float16  # Q5_0
     assert layer.self_attn.o_proj.scales.dtype == mx.float32  # Q4_K: d*sc needs 17 bits

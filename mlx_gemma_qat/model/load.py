@@ -5,6 +5,13 @@ never safe in fp16), bfloat16 on a GPU. Text weights are held as the folder stor
 with their scales and biases in the stored dtype (float16 for the simple GGML types, float32 for K-quants),
 dense tensors in theirs; the layers in model/quantized.py compute with them exactly. On the CPU, float16 and
 bfloat16 tensors are widened to float32 by default (exact, faster there; ``widen=False`` keeps them narrow).
+
+On a GPU (bfloat16 compute), decode is memory-bound, and ``mx.quantized_matmul`` widens float16 scales to float32
+on every call (model/bandwidth.py counts the bytes): ``scales="float32"`` holds them widened once instead (exact:
+the same float32 values the per-call astype makes, so bit-identical logits; 6 bits read per Q4_0 weight instead of
+9), at 1 bit per weight more memory. The default (``scales=None``) holds them so when the model held that way plus
+its KV cache at its full context fits ``FIT_FRACTION`` of the device's memory budget (``memory_budget``), and as
+stored otherwise.
 """
 
 from __future__ import annotations
@@ -12,16 +19,18 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
+from .bandwidth import held_bytes, model_weights
 from .config import TextConfig
 from .multimodal import Model as MultimodalModel
 from .multimodal import MultimodalConfig, is_multimodal
-from .quantized import Embedding, Linear, QuantizedEmbedding, quantized_like
+from .quantized import Embedding, Linear, QuantizedEmbedding, QuantizedLinear, quantized_like
 from .text import Model
 
 
@@ -123,14 +132,17 @@ def _exact_layers(text: nn.Module, prefix: str, config: dict, weights: dict) -> 
     text.update_modules(tree_unflatten(swaps))
 
 
-def _widen_tied_head_scales(text: nn.Module, dtype: mx.Dtype) -> None:
-    """A quantized embedding that is also the output head, with scales narrower than the matmul's type:
-    MLX would widen its scales and biases for every token (a transient of 8 bytes per 32 weights over the
-    whole vocabulary); they are widened once here instead, half that size, held (shown by inspect)."""
-    emb = text.model.embed_tokens
-    if text.cfg.tie_word_embeddings and isinstance(emb, QuantizedEmbedding) and emb.scales.dtype not in (
-            mx.float32, dtype):
-        emb.scales, emb.biases = emb.scales.astype(mx.float32), emb.biases.astype(mx.float32)
+def _hold_scales_widened(text: nn.Module, dtype: mx.Dtype, every_layer: bool) -> None:
+    """Hold quantized scales and biases narrower than the matmul's type (float16 under bfloat16 compute) widened
+    to float32 once, instead of MLX widening them on every call. Always for a quantized embedding that is also
+    the output head (a per-token transient of 8 bytes per 32 weights over the whole vocabulary); for every
+    quantized layer with ``every_layer`` (``scales="float32"``)."""
+    tied = text.cfg.tie_word_embeddings
+    for _, m in text.named_modules():
+        head = tied and m is text.model.embed_tokens
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and (every_layer or head) and \
+                m.scales.dtype not in (mx.float32, dtype):
+            m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
 
 
 def resolve_widen(widen: bool | None, dtype: mx.Dtype) -> bool:
@@ -138,11 +150,52 @@ def resolve_widen(widen: bool | None, dtype: mx.Dtype) -> bool:
     return dtype == mx.float32 if widen is None else bool(widen)
 
 
+SCALES = ("stored", "float32")
+FIT_FRACTION = 0.8  # of memory_budget() that the weights held with float32 scales plus the full KV cache may take
+
+
+def memory_budget() -> int | None:
+    """Bytes the default device may hold: Metal's recommended working set, a CUDA device's total memory, the
+    machine's RAM on the CPU (None where neither MLX nor the OS says)."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        if key in info:
+            return int(info[key])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def float32_scales_fit(weights_bytes: int, kv_bytes: int, budget: int | None) -> bool:
+    """The GPU default's rule: float32 scales when the weights held so plus the KV cache fit the budget's share."""
+    return budget is not None and weights_bytes + kv_bytes <= FIT_FRACTION * budget
+
+
+def resolve_scales(scales: str | None, dtype: mx.Dtype, wide: bool, weights_bytes: int, kv_bytes: int) -> str:
+    """How quantized scales are held: "widen" (everything float32, the CPU default), "stored" or "float32".
+    Default: with float32 compute (the CPU), today's rule (widen, or stored with ``widen=False``); with bfloat16
+    compute (a GPU), "float32" when ``float32_scales_fit`` the device, "stored" otherwise."""
+    if scales is not None and scales not in SCALES:
+        raise ValueError(f"unknown scales {scales!r} ({', '.join(SCALES)})")
+    if wide:
+        if scales == "stored":
+            raise ValueError("scales='stored' keeps float16 scales, widen=True holds float32 copies: give one")
+        return "widen"
+    if scales is not None:
+        return scales
+    if dtype == mx.float32:
+        return "stored"
+    return "float32" if float32_scales_fit(weights_bytes, kv_bytes, memory_budget()) else "stored"
+
+
 def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False,
-               widen: bool | None = None):
+               widen: bool | None = None, scales: str | None = None):
     """Build the model of an MLX folder. ``dtype``: compute dtype (default by device). Text weights stay in
     the dtype the folder stores them in (quantized scales too); ``widen`` (default: when computing in
-    float32, i.e. on the CPU) keeps float32 copies of float16/bfloat16 tensors instead, for speed (exact)."""
+    float32, i.e. on the CPU) keeps float32 copies of float16/bfloat16 tensors instead, for speed (exact).
+    ``scales``: "stored" or "float32" (quantized scales held widened once, see above); the default picks by
+    compute dtype and device memory (``resolve_scales``); the choice is ``model.holding``."""
     path = Path(path)
     config = read_config(path)
     dtype = parse_dtype(dtype)
@@ -175,7 +228,12 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
 
     model.update(tree_map_with_path(cast, model.parameters()))
     model.widened = wide
-    _widen_tied_head_scales(text, dtype)
+    vision = sum(a.nbytes for k, a in tree_flatten(model.parameters()) if not k.startswith(("model.", "lm_head.",
+                                                                                            "language_model.")))
+    held = vision + sum(held_bytes(w, "float32") for w in model_weights(model))
+    model.holding = resolve_scales(scales, dtype, wide, held,
+                                  text.cfg.kv_cache_bytes(text.cfg.max_position_embeddings, dtype.size))
+    _hold_scales_widened(text, dtype, every_layer=model.holding == "float32")
     text.model.compute_dtype = dtype
     model.path = path
     model.identity = model_identity(path)

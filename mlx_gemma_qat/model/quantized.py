@@ -4,8 +4,9 @@ Quantized layers keep their packed integers and their scales and biases in the s
 the GGML types whose scale and bias are float16 values (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the Q4_0 re-grid),
 float32 where the products need it (Q4_K/Q5_K ``d*sc``). ``mx.quantized_matmul`` computes in
 ``promote_types(x, scales)``: float16 scales with float32 or bfloat16 activations compute in float32, so
-every dequantized weight is the GGML value exactly (MLX casts the scales of that one matmul to float32 as it
-runs; nothing wider is kept). Outputs are handed back in the activations' dtype.
+every dequantized weight is the GGML value exactly (MLX casts the scales of that one matmul to float32 on every
+call, unless the loader holds them widened: ``scales="float32"``, the GPU default where it fits; bytes per token in
+model/bandwidth.py). Outputs are handed back in the activations' dtype.
 
 ``mx.dequantize`` computes in the scales' dtype (float16 would round ``d*q``), so an embedding lookup
 dequantizes only the gathered rows, with their scales widened to float32: exact, and never the whole table.
