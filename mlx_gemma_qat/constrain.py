@@ -15,10 +15,10 @@ tokenizer it builds is cached per tokenizer (building it for Gemma 3's 262K piec
 
 from __future__ import annotations
 
+import copy
 import json as _json
 import threading
 import weakref
-from collections import deque
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -246,7 +246,7 @@ class Matcher:
         self.tokens = 0  # consumed so far
         self._llt = llt
         self._digits = _NumberDigits(digit_tokens(tokenizer)) if constraint.kind in JSON_KINDS else None
-        self._digit_states: deque = deque(maxlen=MAX_ROLLBACK)  # before each recent token, for ``rollback``
+        self._eos = frozenset(int(i) for i in eos_ids(tokenizer))
 
     @property
     def accepting(self) -> bool:
@@ -290,27 +290,24 @@ class Matcher:
             raise ConstraintError(f"the constraint rejected token {int(token)}: {_first_lines(self._m.get_error())}")
         self.tokens += 1
         if self._digits is not None:
-            self._digit_states.append(self._digits.state())
             self._digits.feed(self._llt.decode_bytes([int(token)]))
 
-    def rollback(self, n: int) -> None:
-        """Forget the last ``n`` consumed tokens (at most ``MAX_ROLLBACK``): speculative decoding's rejected drafts."""
-        if not 0 <= n <= min(self.tokens, MAX_ROLLBACK):
-            raise ConstraintError(f"cannot roll back {n} of {self.tokens} tokens (at most {MAX_ROLLBACK})")
-        if n == 0:
-            return
-        self._m.rollback(n)
-        if self._m.is_error():
-            raise ConstraintError(f"the constraint failed: {_first_lines(self._m.get_error())}")
-        self.tokens -= n
-        if self._digits is not None:
-            for _ in range(n):  # a deque: no slices
-                state = self._digit_states.pop()
-            self._digits.restore(state)  # the state before the first token rolled back
+    def ends(self, token: int) -> bool:
+        """Whether ``token`` ends the output (an eos id): speculative drafts end there, without consuming it."""
+        return int(token) in self._eos
 
+    def fork(self) -> "Matcher":
+        """An independent copy of this state (speculative decoding walks its drafts on one and keeps this one at
+        what the target accepted: llguidance cannot roll back past a stop, and a draft may reach one)."""
+        new = object.__new__(Matcher)
+        new.__dict__.update(self.__dict__)
+        new._m = self._m.deep_copy()
+        new._words = self._words.copy()
+        if self._digits is not None:
+            new._digits = copy.copy(self._digits)
+        return new
 
 JSON_KINDS = ("json_schema", "json", "tools")
-MAX_ROLLBACK = 64  # tokens a matcher can step back (speculative decoding drafts far fewer)
 MAX_NUMBER_DIGITS = 16  # per run of digits in a JSON number, as llama.cpp's JSON grammars cap them
 
 
@@ -342,12 +339,6 @@ class _NumberDigits:
                 self.run += 1
             else:
                 self.run = 0
-
-    def state(self) -> tuple[bool, bool, int]:
-        return self.in_string, self.escaped, self.run
-
-    def restore(self, state: tuple[bool, bool, int]) -> None:
-        self.in_string, self.escaped, self.run = state
 
     def cap(self, words: np.ndarray) -> None:
         if self.in_string or self.run < MAX_NUMBER_DIGITS or not len(self.word):

@@ -22,9 +22,9 @@ they share are the same pieces (``check_vocab``). Drafts are drawn over the targ
 ids (if any) masked, and the target's extra ids are never drafted. Image soft tokens are not shown to a text
 draft: it sees the text around them.
 
-With a constraint (``constrain.Matcher``) drafts are drawn under the grammar's masks (a lookup draft is cut at its
-first token the grammar refuses), the target's k + 1 positions are masked with the same masks, and the matcher
-rolls back with the caches.
+With a constraint (``constrain.Matcher``) drafts are drawn under the grammar's masks, walked on a fork of the
+matcher (a lookup draft is cut at its first token the grammar refuses), the target's k + 1 positions are masked
+with the same masks, and the matcher itself takes only the drafts the target accepted.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ class Draft:
     tokens: list[int] | mx.array
     probs: mx.array | None = None
     masks: list[mx.array] | None = None
+    consumed: int = 0  # drafts the grammar took (all but an eos that ends the draft)
 
     def __len__(self) -> int:
         return len(self.tokens) if isinstance(self.tokens, list) else self.tokens.size
@@ -200,7 +201,7 @@ class ModelDraft:
 
     def propose(self, context: list[int], k: int, sampler: Sampler, width: int, matcher=None) -> Draft:
         if matcher is not None and matcher.done:
-            return Draft([], None, [])
+            return Draft([], None, [matcher.mask()])  # (the end of sequence, where the grammar has stopped)
         logits = self.sync(context, k + 1)
         tokens, probs, masks = [], [], ([] if matcher is not None else None)
         for i in range(k):
@@ -217,20 +218,25 @@ class ModelDraft:
                 probs.append(mx.softmax(z, axis=-1))
             tokens.append(t)
             if matcher is not None:
-                matcher.consume(int(t.item()))
-                if matcher.done:
+                ti = int(t.item())
+                if matcher.ends(ti):  # the output would end here: drafted, not consumed, nothing after
                     break
+                matcher.consume(ti)
             if i + 1 < k:
                 logits = self.model(t.reshape(1, 1), self.cache)[:, -1, :]
-        if matcher is not None and not matcher.done:
-            masks.append(matcher.mask())
+        consumed = len(tokens)
+        if matcher is not None:
+            if tokens and matcher.ends(int(tokens[-1].item())):
+                consumed -= 1
+            else:
+                masks.append(matcher.mask())
         fed = mx.concatenate(tokens[: len(tokens) - 1]) if len(tokens) > 1 else None
         self._pending = fed  # read back at the next sync, once evaluated
         if matcher is not None:
             tokens = [int(t.item()) for t in tokens]
         else:
             tokens = mx.concatenate(tokens)
-        return Draft(tokens, mx.concatenate(probs) if probs else None, masks)
+        return Draft(tokens, mx.concatenate(probs) if probs else None, masks, consumed)
 
 
 class PromptLookup:
@@ -264,22 +270,18 @@ class PromptLookup:
             return Draft(tokens)
         masks, kept = [], []
         if matcher.done:
-            return Draft([], None, [])
+            return Draft([], None, [matcher.mask()])  # (the end of sequence, where the grammar has stopped)
         for t in tokens:  # keep the drafts the grammar allows, with the mask at each
             words = matcher.mask_words()
             masks.append(matcher.mask(words))
             if not (int(words[t >> 5]) >> (t & 31)) & 1:
-                break
-            matcher.consume(t)
+                return Draft(kept, None, masks, len(kept))
             kept.append(t)
-            if matcher.done:
-                break
-        else:
-            if not matcher.done:
-                masks.append(matcher.mask())
-        if len(masks) > len(kept) + 1:
-            masks = masks[: len(kept) + 1]
-        return Draft(kept, None, masks)
+            if matcher.ends(t):  # the output would end here: not consumed, nothing after
+                return Draft(kept, None, masks, len(kept) - 1)
+            matcher.consume(t)
+        masks.append(matcher.mask())
+        return Draft(kept, None, masks, len(kept))
 
 
 def _accept(lps: mx.array, draft: Draft, sampler: Sampler) -> tuple[int, int]:
@@ -339,7 +341,11 @@ def speculative_round(
     t0 = time.perf_counter()
     if matcher is not None:
         matcher.consume(y)
-    draft = drafter.propose(context + [y], k, sampler, width, matcher) if k else Draft([])
+    probe = matcher.fork() if matcher is not None and k else None  # walks the drafts; matcher keeps what is accepted
+    if k:
+        draft = drafter.propose(context + [y], k, sampler, width, probe)
+    else:  # the last token: no drafts, the target alone (under the grammar's mask)
+        draft = Draft([], None, None if matcher is None else [matcher.mask()])
     n = len(draft)
     fed = mx.array([y])
     if n:
@@ -356,15 +362,17 @@ def speculative_round(
     a, nxt = _accept(lps, draft, sampler)
     t2 = time.perf_counter()
     trim_cache(cache, n - a)
+    kept = fed[1 : 1 + a].tolist() if a else []
     if matcher is not None:
-        matcher.rollback(n - a)
+        for t in kept[: draft.consumed]:  # (an eos the drafts ended on is not consumed: the output ends there)
+            matcher.consume(t)
     if n and stats is not None:
         stats.rounds += 1
         stats.drafted += n
         stats.accepted += a
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
-    return (fed[1 : 1 + a].tolist() if a else []), nxt, lps
+    return kept, nxt, lps
 
 
 def speculative_step(

@@ -1,5 +1,5 @@
 """Speculative decoding (speculative.py): greedy output identical to plain decoding past the sliding window, in
-every cache form and entry point; sampled output distributed as the target's (chi-square); rollbacks exact."""
+every cache form and entry point; sampled output distributed as the target's (chi-square)."""
 
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from mlx_gemma_qat import load, stream_generate
 from mlx_gemma_qat.chat import ChatSession
 from mlx_gemma_qat.cli import main
 from mlx_gemma_qat.constrain import compile_constraint, logits_width
-from mlx_gemma_qat.model.cache import make_cache
+from mlx_gemma_qat.model.cache import trim_cache
 from mlx_gemma_qat.prompt_cache import cache_prompt
 from mlx_gemma_qat.sampling import Sampler
 from mlx_gemma_qat.speculative import (
@@ -69,7 +69,7 @@ def test_greedy_output_is_plain_decoding_past_the_window(tiny, poor, how, kv):
     assert toks == plain, f"first difference at {first_difference(toks, plain)}"
     s = last.speculative
     assert s.rounds > 0 and s.drafted >= s.accepted
-    if how == "itself":
+    if how == "itself" and kv is None:  # (with kv 8 the draft's own cache is float: a near-perfect draft)
         assert s.acceptance_rate == 1.0 and s.tokens_per_round == 4.0
     if how == "poor":
         assert s.acceptance_rate < 0.2
@@ -97,25 +97,49 @@ def test_a_draft_of_another_width(tiny):
     assert toks == plain and seen and max(seen) < 500
 
 
-def test_chat_turns_reuse_both_caches_past_the_window(vlm, poor):
-    """Turns of a chat, with an image, under a text-only draft (image soft tokens are skipped for it) and prompt
-    lookup: each reply is the one a plain session gives, and the target's cache is reused past the window."""
+def test_chat_turns_with_an_image(vlm, poor):
+    """Turns of a chat, with an image, under a text-only draft (image soft tokens are skipped for it), the model's
+    own text part and prompt lookup: each reply is the one a plain session gives, and each session's cache record
+    stays true (a random model's replies rarely re-tokenize the same, so its turns start over: the next test reuses
+    a cache past the window as a chat does)."""
     _, model, tok = vlm
-    turns = [("hello there, tell me a long story", [IMAGES / "a.png"]), ("and then", []), ("more", [])]
+    turns = [("hello there", [IMAGES / "a.png"]), ("and then", []), ("more", [])]
+    # replies of lower-case words: text the template re-tokenizes as generated, so each turn reuses the cache
+    words = compile_constraint(regex="[a-z]+( [a-z]+){1,6}")
     plain = ChatSession(model, tok, system="Be brief.")
     sessions = {"draft": ChatSession(model, tok, system="Be brief.", draft_model=poor),
                 "self": ChatSession(model, tok, system="Be brief.", draft_model=model.language_model),
                 "lookup": ChatSession(model, tok, system="Be brief.", prompt_lookup=True)}
     for k, (text, images) in enumerate(turns):
-        want = [r.token for r in plain.send(text, images, max_tokens=40)]
+        want = [r.token for r in plain.send(text, images, max_tokens=24, constraint=words)]
         for name, s in sessions.items():
-            rs = list(s.send(text, images, max_tokens=40))
+            rs = list(s.send(text, images, max_tokens=24, constraint=words))
             assert [r.token for r in rs] == want, (name, k)
             assert s.reused_tokens == plain.reused_tokens and s.cache[0].offset == len(s.cached_ids)
             assert rs[-1].speculative is not None
-    assert plain.reused_tokens > WINDOW
     d = sessions["draft"].drafter
     assert d.tokens and model.mcfg.image_token_index not in d.tokens  # the draft never saw the soft tokens
+
+
+def test_turns_that_reuse_the_cache_past_the_window(tiny, poor):
+    """What a chat does: a second and third turn continue a cache that holds the earlier turns (given with its ids,
+    ``cache_ids``, so a draft model follows); each turn equals plain decoding on the same reused cache. The draft's
+    own cache carries over too (a ModelDraft kept across calls): its sync only prefills what it has not seen."""
+    model, tok = tiny
+    turns = [PROMPT, [7, 8, 9, 10, 11], [12, 13]]
+    for spec in ({"draft_model": ModelDraft(poor)}, {"draft_model": ModelDraft(model)}, {"prompt_lookup": True}):
+        caches = {"plain": model.make_cache(), "spec": model.make_cache()}
+        held = []
+        for k, turn in enumerate(turns):
+            plain, _ = tokens_of(model, tok, turn, 30, cache=caches["plain"])
+            toks, last = tokens_of(model, tok, turn, 30, cache=caches["spec"], cache_ids=list(held), **spec)
+            assert toks == plain, (spec, k)
+            held = (held + turn + toks)[: caches["spec"][0].offset]
+            assert caches["spec"][0].offset == caches["plain"][0].offset > (WINDOW if k else 0)
+            assert last.speculative.rounds > 0
+        draft = spec.get("draft_model")
+        if draft is not None:
+            assert draft.tokens == held[: len(draft.tokens)] and len(draft.tokens) > WINDOW
 
 
 def test_prompt_cache_file(tiny, tmp_path):
@@ -140,7 +164,12 @@ def test_stopping_mid_round_keeps_the_cache_to_what_was_yielded(tiny):
         got = [t for t, _ in (next(steps) for _ in range(stop_at))]
         steps.close()
         assert got == plain[:stop_at]
-        assert cache[0].offset == len(PROMPT) + stop_at - 1  # the last one taken is not fed yet, or trimmed back
+        # the cache holds the prompt and what was taken: the last one too when it was a kept draft (trimmed back
+        # to it), not when it began a round (it is fed with the round's drafts), as plain decoding leaves it
+        held = cache[0].offset
+        assert held in (len(PROMPT) + stop_at - 1, len(PROMPT) + stop_at)
+        if held == len(PROMPT) + stop_at:
+            trim_cache(cache, 1)
         # and the cache continues as plain decoding does from there
         rest, _ = tokens_of(model, tok, [got[-1]], 10, cache=cache)
         assert rest == plain[stop_at : stop_at + 10]
@@ -171,24 +200,31 @@ def test_constrained_output_with_drafts(tiny, poor):
         assert toks == plain and last.finish_reason == pr.finish_reason, spec
 
 
-def test_matcher_rollback_restores_masks(tiny):
+def test_a_forked_matcher_walks_drafts_and_leaves_the_original(tiny):
+    """Drafts are walked on a fork: the fork's masks are those of a matcher that consumed the same tokens, and the
+    original keeps its own state (a fork may run into the grammar's stop; the original never has to step back)."""
     model, tok = tiny
-    m = compile_constraint(json_schema={"type": "object", "properties": {"n": {"type": "number"}}}).matcher(
-        tok, logits_width(model))
-    path = []
-    for _ in range(12):  # walk the grammar by its first allowed token, keeping each state's mask
-        allowed = m.allowed()
-        path.append((m.tokens, allowed.copy()))
-        digit = [t for t in allowed if tok.decode([int(t)]).strip().isdigit()]
-        m.consume(int((digit or allowed)[0]))
-    for back in (1, 3, 5):
-        m.rollback(back)
-        tokens, allowed = path[m.tokens]
-        assert tokens == m.tokens and np.array_equal(m.allowed(), allowed)
-        for _ in range(back):
-            a = m.allowed()
-            digit = [t for t in a if tok.decode([int(t)]).strip().isdigit()]
-            m.consume(int((digit or a)[0]))
+    c = compile_constraint(json_schema={"type": "object", "properties": {"n": {"type": "number"}}})
+
+    def walk(m, steps):
+        out = []
+        for _ in range(steps):
+            allowed = m.allowed()
+            digit = [t for t in allowed if tok.decode([int(t)]).strip().isdigit()]
+            t = int((digit or allowed)[0])
+            out.append((t, allowed))
+            m.consume(t)
+        return out
+
+    m = c.matcher(tok, logits_width(model))
+    walk(m, 5)
+    before = m.allowed()
+    fork = m.fork()
+    ahead = walk(fork, 14)  # into the number: the digit cap's state is forked too
+    assert np.array_equal(m.allowed(), before) and m.tokens == 5 and fork.tokens == 19
+    again = walk(m, 14)
+    assert [t for t, _ in again] == [t for t, _ in ahead]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(again, ahead))
 
 
 def test_prompt_lookup_finds_the_latest_longest_match():
@@ -236,7 +272,8 @@ def test_vocabulary_check(tiny, tiny_folder, tmp_path):
     _, tok3 = load(other)
     with pytest.raises(DraftError, match="id 300"):
         check_vocab(tok, tok3)
-    r = CliRunner().invoke(main, ["generate", "-m", str(tiny_folder), "-p", "hi", "-n", "3", "--draft-model", str(other)])
+    r = CliRunner().invoke(main, ["generate", "-m", str(tiny_folder), "-p", "hi", "-n", "3",
+                                  "--draft-model", str(other)])
     assert r.exit_code == 1 and "Error:" in r.output and "id 300" in r.output
 
 
@@ -352,14 +389,15 @@ def _two_sample_chi2(a, b):
 
 @pytest.mark.parametrize("sampler_kw", [{"temp": 1.0}, {"temp": 1.0, "top_p": 0.9}])
 def test_sampled_tokens_follow_the_target_distribution(sampler_kw):
-    """20,000 tokens sampled speculatively with a poor draft model, 20,000 with prompt lookup (point-mass drafts)
-    and 20,000 sampled plainly: the transforms of each are uniform (chi-square at the 0.001 level), and the
-    speculative histograms agree with the plain one (two-sample chi-square)."""
+    """20,000 tokens at temperature 1 (6,000 with top-p 0.9) sampled speculatively with a poor draft model, as many
+    sampled plainly, and 3,000 with prompt lookup (point-mass drafts): the transforms of each are uniform
+    (chi-square at the 0.001 level), and the speculative histograms agree with the plain one (two-sample)."""
     target, poor = _bigrams()
-    plain = _uniform_chi2(_sample(target, None, 20000, sampler_kw, seed=2))
+    n = 20000 if sampler_kw == {"temp": 1.0} else 6000
+    plain = _uniform_chi2(_sample(target, None, n, sampler_kw, seed=2))
     assert plain[0] < CHI2_19_999, plain
-    for name, drafter in (("draft", ModelDraft(poor)), ("lookup", PromptLookup())):
-        spec = _uniform_chi2(_sample(target, drafter, 20000, sampler_kw, seed=1))
+    for name, drafter, m in (("draft", ModelDraft(poor), n), ("lookup", PromptLookup(), 3000)):
+        spec = _uniform_chi2(_sample(target, drafter, m, sampler_kw, seed=1))
         two = _two_sample_chi2(spec[1], plain[1])
         assert spec[0] < CHI2_19_999 and two < CHI2_19_999, (name, spec, two)
 
