@@ -49,6 +49,22 @@ def tiny_folder(tmp_path_factory):
 
 
 @pytest.fixture
+def loaded(monkeypatch):
+    """Every model ``mlx_gemma_qat.load`` returns from now on in this test (the CLI's loads among them), in order."""
+    import mlx_gemma_qat
+
+    models, real_load = [], mlx_gemma_qat.load
+
+    def spy(*a, **kw):
+        model, tok = real_load(*a, **kw)
+        models.append(model)
+        return model, tok
+
+    monkeypatch.setattr(mlx_gemma_qat, "load", spy)
+    return models
+
+
+@pytest.fixture
 def tiny_model():
     return random_model(tiny_config())
 

@@ -169,25 +169,14 @@ def test_cli_inspect_prints_bytes_per_token(folder):
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
-def test_cli_scales_reach_the_loader(folder, monkeypatch, command):
+def test_cli_scales_reach_the_loader(folder, loaded, command):
     """--scales on generate and chat (serve shares the option helper) reaches the loader, with bfloat16 compute;
     with the CPU's widening a forced "stored" is one error line."""
-    import mlx_gemma_qat
-
-    seen = []
-    real_load = mlx_gemma_qat.load
-
-    def spy(*a, **kw):
-        model, tok = real_load(*a, **kw)
-        seen.append(model.holding)
-        return model, tok
-
-    monkeypatch.setattr(mlx_gemma_qat, "load", spy)
     args = {"generate": ["-p", "hello", "-n", "2", "--raw", "--no-stats"], "chat": ["-n", "2"]}[command]
     for scales in ("stored", "float32"):
         r = CliRunner().invoke(main, [command, "-m", str(folder), *args, "--dtype", "bfloat16", "--scales", scales],
                                input="hi\n/quit\n")
         assert r.exit_code == 0, r.output
-    assert seen == ["stored", "float32"]
+    assert [m.holding for m in loaded] == ["stored", "float32"]
     r = CliRunner().invoke(main, [command, "-m", str(folder), *args, "--scales", "stored"], input="/quit\n")
     assert r.exit_code == 1 and "Error: scales='stored' keeps float16 scales" in r.output

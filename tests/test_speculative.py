@@ -416,3 +416,19 @@ def test_the_distribution_test_catches_a_sampler_that_keeps_every_draft(monkeypa
     monkeypatch.setattr(spec, "_accept", keep_all)
     target, poor = _bigrams()
     assert _uniform_chi2(_sample(target, ModelDraft(poor), 5000, {"temp": 1.0}, seed=3))[0] > 3 * CHI2_19_999
+
+
+# -- the real 270M ----------------------------------------------------------------------------------------------
+
+def test_real_270m_lookup_past_the_window_is_plain_decoding(real_gpl3_prefix):
+    """The real 270M continuing 599 tokens of the GPL-3 (its window is 512) from the session's prompt cache: greedy
+    decoding with prompt lookup gives plain decoding's tokens, with drafts accepted (the licence repeats itself).
+    The full matrix (100, 600 and 1,500-token prompts, 8-bit caches, a Q4_0 draft model, chat turns, prompt-cache
+    files) is scripts/check_speculative_real.py's, with its results committed beside it."""
+    model, tok, pc, ids = real_gpl3_prefix
+    cont = tok.decode(ids[598:606])
+    plain = list(stream_generate(model, tok, cont, 24, prompt_cache=pc))
+    spec = list(stream_generate(model, tok, cont, 24, prompt_cache=pc, prompt_lookup=True))
+    assert [r.token for r in spec] == [r.token for r in plain]
+    s = spec[-1].speculative
+    assert s.rounds > 0 and s.accepted > 0

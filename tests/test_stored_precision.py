@@ -220,25 +220,15 @@ def test_real_k_quant_mix_keeps_float32_scales_only_where_needed(real_270m):
     assert held == pytest.approx(inspect_path(real_270m).weight_memory_stored, rel=0.01)
 
 
-def test_cli_generate_with_and_without_widening(qat_folder, monkeypatch):
+def test_cli_generate_with_and_without_widening(qat_folder, loaded):
     """--no-widen/--widen reach the loader."""
     from click.testing import CliRunner
 
-    import mlx_gemma_qat
     from mlx_gemma_qat.cli import main
 
     folder, _ = qat_folder
-    seen = []
-    real_load = mlx_gemma_qat.load
-
-    def spy(*a, **kw):
-        model, tok = real_load(*a, **kw)
-        seen.append(model.widened)
-        return model, tok
-
-    monkeypatch.setattr(mlx_gemma_qat, "load", spy)
     for flag in ("--no-widen", "--widen"):
         r = CliRunner().invoke(main, ["generate", "-m", str(folder), "-p", "hello", "-n", "4", "--raw", "--no-stats",
                                       flag])
         assert r.exit_code == 0, r.output
-    assert seen == [False, True]
+    assert [m.widened for m in loaded] == [False, True]
