@@ -51,26 +51,26 @@ def first_difference(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
-PROMPT = list(range(10, 50))  # 40 tokens: past the window before the first draft (and 150 tokens follow)
+PROMPT = list(range(10, 50))  # 40 tokens: past the window before the first draft (and 100 tokens follow)
 
 
 @pytest.mark.parametrize("kv", [None, 8])
 @pytest.mark.parametrize("how", ["itself", "poor", "quantized-self", "lookup", "lookup-k8"])
 def test_greedy_output_is_plain_decoding_past_the_window(tiny, poor, how, kv):
-    """150 tokens (about 12 windows) through every draft kind: perfect (the target itself), poor (random), partial
+    """100 tokens (over 6 windows) through every draft kind: perfect (the target itself), poor (random), partial
     (the target with a 6-bit KV cache of its own) and prompt lookup; float and 8-bit KV caches on the target."""
     model, tok = tiny
     kvkw = {} if kv is None else {"kv_bits": kv, "kv_group_size": 32}
-    plain, _ = tokens_of(model, tok, PROMPT, 150, **kvkw)
+    plain, _ = tokens_of(model, tok, PROMPT, 100, **kvkw)
     spec = {"itself": {"draft_model": model}, "poor": {"draft_model": poor},
             "quantized-self": {"draft_model": ModelDraft(model, kv_bits=6, kv_group_size=32)},
             "lookup": {"prompt_lookup": True}, "lookup-k8": {"prompt_lookup": True, "num_draft_tokens": 8}}[how]
-    toks, last = tokens_of(model, tok, PROMPT, 150, **kvkw, **spec)
+    toks, last = tokens_of(model, tok, PROMPT, 100, **kvkw, **spec)
     assert toks == plain, f"first difference at {first_difference(toks, plain)}"
     s = last.speculative
     assert s.rounds > 0 and s.drafted >= s.accepted
     if how == "itself" and kv is None:  # (with kv 8 the draft's own cache is float: a near-perfect draft)
-        assert s.acceptance_rate == 1.0 and s.tokens_per_round == 4.0
+        assert s.acceptance_rate == 1.0 and s.tokens_per_round > 3.9  # (the last round drafts fewer)
     if how == "poor":
         assert s.acceptance_rate < 0.2
     if how == "quantized-self":
