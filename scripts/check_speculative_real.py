@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GPL = (ROOT / "tests" / "fixtures" / "texts" / "GPL-3").read_text()
 
 LENGTHS = (100, 600, 1500)
+FILE_AT = 600  # the prompt-cache file is the float prefix of this case
 CONT = 8  # tokens of the text after the cached prefix given as the prompt
 DECODE = 32
 CHAT_TOKENS = 24
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "gpl600.safetensors"
             kept_pc.save(path)
-            n = 600
+            n = FILE_AT
             cont = tok.decode(ids_all[n - CONT : n + CONT])
             ids = kept_pc.prompt_ids(tok, cont)
             runs = {}
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
             if not primed:  # the shared draft cache, with slack to trim a run's tokens back past the window
                 mx.eval(md.sync(ids, DRAFT_SLACK))
                 primed = True
-            if n == 600 and kv is None:
+            if n == FILE_AT and kv is None:
                 kept_pc = pc
             runs = {}
             for mode, kw in (("plain", {}), ("draft model", {"draft_model": md}), ("lookup", {"prompt_lookup": True})):
@@ -228,8 +229,12 @@ def main(argv=None) -> int:
             case_s[(n, kv)] = time.perf_counter() - t0
             if n == LENGTHS[-1] and kv is None:
                 long_plain = runs["plain"]
-        if n == 600:  # the file case here: the shared draft then follows on to the 1,500-token prompt
+        if n == FILE_AT:  # the file case here: the shared draft then follows on to the 1,500-token prompt
             file_case(kept_pc)
+    say()
+    say("`draft s` includes the shared draft model's own prefill where it had to catch up with a longer prompt (the "
+        "first draft run of each length); `decode s` is the wall time of the `stream_generate` call (the target's "
+        f"prefill of the {CONT} continuation tokens included). The CPU was shared with other processes.")
     say()
     say(f"(The {DECODE} tokens start at the {CONT} tokens of text after the cached prefix; plain output of the "
         "1,500-token float case: `" + tok.decode(long_plain).replace("\n", "\\n").replace("`", "'")[:200] + "`.)"
@@ -277,6 +282,10 @@ def main(argv=None) -> int:
 
             res = rep.verdict(plain_turns[t_i], got, margin_of)
             say(f"{head} {res} | {stats_cells(rs[-1].speculative)} | {dt:.1f} |")
+    say()
+    say("`decode s` of a turn includes its prefill (and, with the draft model, the draft's own). A reply of a "
+        "speculative session equal to the plain session's is what makes the next turns comparable: each session "
+        "reuses its own cache, past the window from turn 2 on.")
     say()
     say("Plain replies: " + " / ".join("`" + tok.decode(t).replace("\n", "\\n").replace("`", "'") + "`"
                                         for t in plain_turns))
