@@ -139,6 +139,8 @@ _ITEM = {"U32": 4, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}
 
 
 def inspect_mlx(path: Path) -> Report:
+    from .convert.safetensors_check import SafetensorsError
+
     config = json.loads((path / "config.json").read_text())
     cfg = TextConfig.from_dict(config)
     quant = config.get("quantization") or {}
@@ -155,6 +157,10 @@ def inspect_mlx(path: Path) -> Report:
         base = name.removesuffix(".weight")
         nbytes = _nbytes(info)
         scales = tensors.get(f"{base}.scales")
+        if (info["dtype"] == "U32") != (scales is not None) or scales is not None and scales["dtype"] == "U32":
+            raise SafetensorsError(f"{path}: tensor {name} is {info['dtype']}"
+                                   f"{' with ' + scales['dtype'] + ' scales' if scales is not None else ''}: packed "
+                                   "weights, and only they, are U32, with float scales (load_model refuses it too)")
         use = _use(name, len(info["shape"]), cfg.tie_word_embeddings)
         if scales is not None:
             q = quant.get(base, quant)
