@@ -749,7 +749,8 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
     engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
                     cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
                     prefill_step=prefill_step, parallel=parallel, max_queue=max_queue,
-                    num_draft_tokens=num_draft_tokens, **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
+                    num_draft_tokens=num_draft_tokens,
+                    **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
     card = describe_model(m, tok, folder, model_name or default_model_id(model))
     app = create_app(engine, card, defaults=defaults, options=options)
     where = f"[{host}]" if ":" in host else host

