@@ -18,7 +18,14 @@ from .image import crop_prompt, preprocess_all
 from .model.cache import cache_nbytes, check_kv_quantization
 from .prefill import chunk_bounds, prefill  # noqa: F401 - chunk_bounds: part of this module's API
 from .sampling import Sampler
-from .speculative import SpeculativeStats, check_num_draft, default_num_draft, make_drafter, speculative_step
+from .speculative import (
+    PromptLookup,
+    SpeculativeStats,
+    check_num_draft,
+    default_num_draft,
+    make_drafter,
+    speculative_step,
+)
 from .stop_strings import StopStrings
 
 
@@ -256,7 +263,7 @@ def stream_generate(
         if sampler is not None:
             raise ValueError("speculative sampling needs the sampler's settings (temp, top_p, top_k, min_p), "
                              "not a custom sampler")
-        num_draft_tokens = check_num_draft(num_draft_tokens or default_num_draft(drafter))
+        num_draft_tokens = check_num_draft(num_draft_tokens or default_num_draft(isinstance(drafter, PromptLookup)))
     if seed is not None:
         mx.random.seed(seed)
     if cache is None and prompt_cache is None:

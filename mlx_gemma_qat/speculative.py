@@ -427,9 +427,11 @@ def speculative_step(
         y, lp = nxt, lps[a : a + 1]
 
 
-def make_drafter(model, draft_model=None, prompt_lookup: bool = False) -> ModelDraft | PromptLookup | None:
+def make_drafter(model, draft_model=None, prompt_lookup: bool = False,
+                 **draft_options) -> ModelDraft | PromptLookup | None:
     """The drafter for ``model``: a ``ModelDraft`` (kept as given, so its cache carries over) or a model to wrap in
-    one, or prompt lookup; None for plain decoding."""
+    one (with ``draft_options``: ModelDraft's kv_bits, kv_group_size, prefill_step_size), or prompt lookup; None
+    for plain decoding."""
     if draft_model is not None and prompt_lookup:
         raise DraftError("give a draft model or prompt lookup, not both")
     if prompt_lookup:
@@ -439,8 +441,8 @@ def make_drafter(model, draft_model=None, prompt_lookup: bool = False) -> ModelD
     if not hasattr(draft_model, "make_cache") or not hasattr(draft_model, "cfg"):
         raise DraftError("draft_model must be a loaded Gemma 3 model (mlx_gemma_qat.load) or a ModelDraft")
     mcfg = getattr(model, "mcfg", None)
-    return ModelDraft(draft_model, skip=(mcfg.image_token_index,) if mcfg is not None else ())
+    return ModelDraft(draft_model, skip=(mcfg.image_token_index,) if mcfg is not None else (), **draft_options)
 
 
-def default_num_draft(drafter) -> int:
-    return DEFAULT_LOOKUP_TOKENS if isinstance(drafter, PromptLookup) else DEFAULT_DRAFT_TOKENS
+def default_num_draft(prompt_lookup: bool) -> int:
+    return DEFAULT_LOOKUP_TOKENS if prompt_lookup else DEFAULT_DRAFT_TOKENS

@@ -56,13 +56,13 @@ from ..model.multimodal import image_groups
 from ..prefill import chunk_bounds
 from ..sampling import Sampler
 from ..speculative import (
-    DEFAULT_DRAFT_TOKENS,
-    DEFAULT_LOOKUP_TOKENS,
     DraftError,
     ModelDraft,
     PromptLookup,
     SpeculativeStats,
     check_num_draft,
+    default_num_draft,
+    make_drafter,
     speculative_round,
 )
 from ..stop_strings import StopStrings
@@ -211,7 +211,7 @@ class Engine:
             check_num_draft(num_draft_tokens)
         self.draft_model, self.prompt_lookup = draft_model, prompt_lookup
         self.num_draft = 0 if draft_model is None and not prompt_lookup else (
-            num_draft_tokens or (DEFAULT_LOOKUP_TOKENS if prompt_lookup else DEFAULT_DRAFT_TOKENS))
+            num_draft_tokens or default_num_draft(prompt_lookup))
         if slack < 0 or prefill_step < 1 or parallel < 1 or max_queue < 0:
             raise ValueError("slack must be >= 0, prefill_step >= 1, parallel >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
@@ -417,9 +417,8 @@ class Engine:
         if k:
             r.num_draft, r.spec = k, SpeculativeStats()
             reserve_slack(r.cache, k)  # a round trims up to k rejected drafts on sliding layers too
-            r.drafter = PromptLookup() if self.prompt_lookup else ModelDraft(
-                self.draft_model, skip=() if self._image_ids is None else (self._image_ids[2],), kv_bits=self.kv_bits,
-                kv_group_size=self.kv_group_size, prefill_step_size=self.prefill_step)
+            r.drafter = make_drafter(self.model, self.draft_model, self.prompt_lookup, kv_bits=self.kv_bits,
+                                     kv_group_size=self.kv_group_size, prefill_step_size=self.prefill_step)
         rest = np.array(r.ids[n:])
         if self._image_ids is not None and (rest == self._image_ids[2]).any():
             groups = image_groups(rest, self._image_ids[2])
