@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from filelock import FileLock
+
 
 class ModelNotFoundError(ValueError):
     pass
@@ -73,8 +75,13 @@ def resolve_model(spec: str | os.PathLike | None, *, mmproj: str | os.PathLike |
             raise ModelNotFoundError(f"{mmproj}: no such mmproj file")
         key = hashlib.sha1((key + _key(mmproj)).encode()).hexdigest()[:12]
     out = cache_root() / f"{src.name.removesuffix('.gguf')}-{key}"
-    if not (out / "config.json").is_file():
-        if progress:
-            print(f"converting {src}{f' + {mmproj}' if mmproj else ''} -> {out} (once)", file=sys.stderr)
-        convert(src, out, mmproj=mmproj, force=out.exists(), progress=progress)
+    if (out / "config.json").is_file():
+        return out
+    locks = cache_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{out.name}.lock"):  # two commands started at once convert it once; the second waits
+        if not (out / "config.json").is_file():
+            if progress:
+                print(f"converting {src}{f' + {mmproj}' if mmproj else ''} -> {out} (once)", file=sys.stderr)
+            convert(src, out, mmproj=mmproj, force=out.exists(), progress=progress)
     return out

@@ -93,13 +93,44 @@ def test_load_converts_a_gguf_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
     write_tiny_gguf(tmp_path / "t.gguf")
     m1, _ = load(tmp_path / "t.gguf")
-    entries = list((tmp_path / "cache").iterdir())
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.name != ".locks"]
     m2, tok = load(str(tmp_path / "t.gguf"))
-    assert list((tmp_path / "cache").iterdir()) == entries and len(entries) == 1
+    assert [p for p in (tmp_path / "cache").iterdir() if p.name != ".locks"] == entries and len(entries) == 1
     x = mx.array([[2, 40, 41, 42]])
     np.testing.assert_array_equal(np.array(m1(x)), np.array(m2(x)))
     m3, _ = load(entries[0])  # the cached MLX folder loads directly
     np.testing.assert_array_equal(np.array(m1(x)), np.array(m3(x)))
+
+
+def test_two_loads_at_once_convert_once(tmp_path, monkeypatch):
+    """Two commands started together on the same GGUF: one converts, the other waits for it under the cache's
+    lock and takes its folder (no second conversion over a half-written one)."""
+    import threading
+    import time
+
+    from mlx_gemma_qat import models_cache
+    from mlx_gemma_qat.convert import convert
+
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    write_tiny_gguf(tmp_path / "t.gguf")
+    calls = []
+
+    def slow_convert(*a, **kw):
+        calls.append(a)
+        time.sleep(0.5)  # the other thread arrives while this one converts
+        return convert(*a, **kw)
+
+    monkeypatch.setattr("mlx_gemma_qat.convert.convert", slow_convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models_cache.resolve_model(tmp_path / "t.gguf",
+                                                                                     progress=False)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 2 and got[0] == got[1] and (got[0] / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [got[0].name]
 
 
 def test_default_dtype_follows_device(tiny):

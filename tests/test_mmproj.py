@@ -176,7 +176,7 @@ def test_generate_with_gguf_and_mmproj(tmp_path, monkeypatch):
         r = CliRunner().invoke(main, args + ["--mmproj", str(MMPROJ)])
         assert r.exit_code == 0, r.output
         assert "Prompt: 26 tokens" in r.output, r.output  # BOS + 20 image tokens + "What?"
-    folders = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name != ".locks")
     assert len(folders) == 2  # text alone, text + mmproj; the second run reused its folder
     r = CliRunner().invoke(main, ["generate", "-m", str(vlm), "--mmproj", str(MMPROJ), "--prompt", "x", "-n", "1"])
     assert r.exit_code == 1 and "--mmproj goes with a text GGUF" in r.output
