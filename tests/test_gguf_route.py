@@ -69,3 +69,35 @@ def test_base_gguf_gets_no_chat_template(tmp_path):
     out = convert(tmp_path / "t.gguf", tmp_path / "m", progress=False)
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     assert "chat_template" not in tcfg
+
+
+def _same_parse(ours, theirs) -> None:
+    assert list(ours.fields) == list(theirs.fields)
+    for key, a in ours.fields.items():
+        b = theirs.fields[key]
+        assert (a.offset, a.data, a.types) == (b.offset, b.data, b.types), key
+        assert len(a.parts) == len(b.parts) and all(
+            x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a.parts, b.parts)), key
+    assert ours.data_offset == theirs.data_offset and len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, list(a.shape), a.n_elements, a.n_bytes, a.data_offset) == (
+            b.name, b.tensor_type, list(b.shape), b.n_elements, b.n_bytes, b.data_offset)
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
+
+
+def test_our_reader_parses_what_gguf_py_parses(tmp_path):
+    """read_gguf's reader (gguf-py's, over a plain ndarray view of the map: ~3x faster on a 262k vocabulary)
+    gives every field part, tensor and tensor byte gguf-py's own reader gives: a text GGUF (scalars, strings,
+    string, float and int arrays, quantized and float tensors) and a vision mmproj."""
+    from pathlib import Path
+
+    from mlx_gemma_qat.convert.from_gguf import read_gguf
+
+    fixtures = Path(__file__).parent / "fixtures"
+    write_tiny_gguf(tmp_path / "spm.gguf", QT.Q4_0, QT.F16)
+    files = [tmp_path / "spm.gguf", *sorted((fixtures / "tiny_gemma3_vlm_gguf").glob("*.gguf"))]
+    assert len(files) == 2
+    for path in files:
+        ours = read_gguf(path)
+        assert type(ours.data) is np.ndarray and ours.memmap.filename == str(path.resolve())
+        _same_parse(ours, gguf.GGUFReader(str(path)))
