@@ -24,4 +24,4 @@ demo: install-demo
 
 # The whole test suite (what CI runs).
 test: install-test
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --durations=10

@@ -23,6 +23,25 @@ def tiny_config(**kw) -> TextConfig:
     return TextConfig(**args)
 
 
+def shared(tmp_path_factory, name: str, build):
+    """``build(path)`` run once per test run under ``path`` and shared by pytest-xdist's workers (``make test``
+    runs two): the first worker to ask builds it under a file lock, the others wait and take what it built.
+    ``build`` must leave ``path`` whole or absent (the converter and the cache writers are atomic)."""
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders share this parent
+    path = Path(root) / "shared" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            build(path)
+    return path
+
+
 def random_model(cfg: TextConfig, seed: int = 0) -> Model:
     """A tiny Gemma 3 with random weights, norms included (so (1+w) mistakes show)."""
     mx.random.seed(seed)
@@ -45,7 +64,7 @@ def tiny_folder(tmp_path_factory):
     from mlx_gemma_qat.convert import convert
 
     src = Path(__file__).parent / "fixtures" / "tiny_gemma3"
-    return convert(src, tmp_path_factory.mktemp("tiny") / "tiny-gemma", mode="none", progress=False)
+    return shared(tmp_path_factory, "tiny/tiny-gemma", lambda out: convert(src, out, mode="none", progress=False))
 
 
 @pytest.fixture
@@ -87,7 +106,7 @@ def real_270m(real_gguf, tmp_path_factory):
     """The real 270M converted with default options (once per test session)."""
     from mlx_gemma_qat.convert import convert
 
-    return convert(real_gguf, tmp_path_factory.mktemp("real") / "gemma3-270m", progress=False)
+    return shared(tmp_path_factory, "gemma3-270m", lambda out: convert(real_gguf, out, progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -95,26 +114,8 @@ def real_270m_exact(real_gguf, tmp_path_factory):
     """The real 270M with Q6_K kept dense float32: every weight bit-exact to gguf-py."""
     from mlx_gemma_qat.convert import convert
 
-    return convert(real_gguf, tmp_path_factory.mktemp("real") / "gemma3-270m-exact", q6k="float32", progress=False)
-
-
-@pytest.fixture(scope="session")
-def real_gpl3_prefix(real_270m_exact):
-    """The exact-route real 270M, its tokenizer, the text token ids of the committed GPL-3 and a ``PromptCache``
-    of its first 599 tokens (BOS + 598 text tokens, past the sliding window of 512), prefilled once in chunks of
-    256 by ``cache_prompt`` (about a minute on 2 cores) for the tests that need a cache past the window. A
-    PromptCache is never changed: each use takes a copy (``make_cache``)."""
-    from pathlib import Path
-
-    from mlx_gemma_qat import load
-    from mlx_gemma_qat.prompt_cache import cache_prompt
-
-    model, tok = load(real_270m_exact)
-    ids = tok.encode((Path(__file__).parent / "fixtures" / "texts" / "GPL-3").read_text(encoding="utf-8"),
-                     add_special_tokens=False)
-    pc = cache_prompt(model, tok, tok.decode(ids[:598]), chat=False)
-    assert pc.tokens == [tok.bos_token_id] + ids[:598]
-    return model, tok, pc, ids
+    return shared(tmp_path_factory, "gemma3-270m-exact",
+                  lambda out: convert(real_gguf, out, q6k="float32", progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +127,7 @@ def vlm(tmp_path_factory):
     from mlx_gemma_qat.convert import convert
 
     src = Path(__file__).parent / "fixtures" / "tiny_gemma3_vlm"
-    folder = convert(src, tmp_path_factory.mktemp("vlm") / "m", mode="none", progress=False)
+    folder = shared(tmp_path_factory, "vlm/m", lambda out: convert(src, out, mode="none", progress=False))
     return folder, *load(folder)
 
 
@@ -149,4 +150,4 @@ def real_qat_270m(real_qat_gguf, tmp_path_factory):
     """The QAT-layout 270M converted with default options."""
     from mlx_gemma_qat.convert import convert
 
-    return convert(real_qat_gguf, tmp_path_factory.mktemp("real") / "gemma3-270m-qat", progress=False)
+    return shared(tmp_path_factory, "gemma3-270m-qat", lambda out: convert(real_qat_gguf, out, progress=False))

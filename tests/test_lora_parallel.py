@@ -87,37 +87,79 @@ def test_gradient_accumulation_equals_the_combined_batch(setup, tmp_path):
     assert runs["one"].train_loss == pytest.approx(runs["acc"].train_loss, rel=1e-5)
 
 
-def _launch(tmp_path, folder, data, out, stop=0, resume=False):
+def _ring_port() -> int:
+    """A free port whose successor is free too: the ring backend's two local ranks listen on both. mlx.launch's
+    fixed default (32323) would collide when two launches run at once in the suite's parallel workers."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+def _mlx_launch(tmp_path, script: str, *args, timeout: int):
+    """mlx.launch -n 2 (ring backend) of ``script``: (exit code, stdout + stderr). A hang fails the test (the
+    launcher and both ranks are killed)."""
+    import signal as sig
+
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(script)
     launch = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, str(worker), str(folder), str(data),
-           str(tmp_path / out), json.dumps(ADAPTER), json.dumps(TRAIN), str(stop), "1" if resume else "0"]
+    cmd = [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(_ring_port()), "--python",
+           sys.executable, str(worker), *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, sig.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the ranks hung (killed after {timeout} s):\n{out}\n{err}")
+    return proc.returncode, out + err
 
 
-def test_two_processes_equal_one_with_the_combined_batch(setup, tmp_path):
+def _launch(tmp_path, folder, data, out, stop=0, resume=False):
+    rc, output = _mlx_launch(tmp_path, WORKER, folder, data, tmp_path / out, json.dumps(ADAPTER), json.dumps(TRAIN),
+                             stop, "1" if resume else "0", timeout=600)
+    assert rc == 0, output
+
+
+@pytest.fixture(scope="module")
+def dist_run(setup, tmp_path_factory):
+    """One uninterrupted 2-rank run (the folder holding "dist"), for the tests below."""
     folder, data = setup
-    finetune(folder, data, tmp_path / "single", adapter=ADAPTER, train_config=TRAIN, progress=False, log=lambda *a: None)
-    _launch(tmp_path, folder, data, "dist")
-    _close(_adapter(tmp_path / "single"), _adapter(tmp_path / "dist"))
+    root = tmp_path_factory.mktemp("dist")
+    _launch(root, folder, data, "dist")
+    return root / "dist"
+
+
+def test_two_processes_equal_one_with_the_combined_batch(setup, dist_run, tmp_path):
+    folder, data = setup
+    finetune(folder, data, tmp_path / "single", adapter=ADAPTER, train_config=TRAIN, progress=False,
+             log=lambda *a: None)
+    _close(_adapter(tmp_path / "single"), _adapter(dist_run))
     m1 = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(x) for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (dist_run / "metrics.jsonl").read_text().splitlines()]
     loss = lambda ms: [m["train_loss"] for m in ms if "train_loss" in m]  # noqa: E731
     np.testing.assert_allclose(loss(m1), loss(m2), rtol=1e-4)
     assert [m["trained_tokens"] for m in m1 if "trained_tokens" in m] == [m["trained_tokens"] for m in m2 if "trained_tokens" in m]
 
 
-def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(setup, tmp_path):
+def test_two_processes_stopped_and_resumed_equal_an_uninterrupted_run(setup, dist_run, tmp_path):
     """Only rank 0 reads the checkpoint; the other rank gets adapter, optimizer state and step through the group."""
     folder, data = setup
-    _launch(tmp_path, folder, data, "full")
     _launch(tmp_path, folder, data, "part", stop=2)
     assert not (tmp_path / "part" / "adapters.safetensors").exists()
     _launch(tmp_path, folder, data, "part", resume=True)
-    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "part")
+    a, b = _adapter(dist_run), _adapter(tmp_path / "part")
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
 
@@ -173,33 +215,14 @@ finetune(folder, bad if rank == 0 else good, f"{root}/e", adapter=adapter, train
 """
 
 
-def _launch_script(tmp_path, script, *args, timeout=240):
-    """mlx.launch -n 2 of ``script``; a hang fails the test (the launcher and both ranks are killed)."""
-    import signal as sig
-
-    worker = tmp_path / "failures.py"
-    worker.write_text(script)
-    launch = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launch), "-n", "2", "--backend", "ring", "--python", sys.executable, str(worker), *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, sig.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the ranks hung (killed after {timeout} s):\n{out}\n{err}")
-    return out + err
-
-
 def test_a_failure_or_ctrl_c_on_one_rank_stops_every_rank(setup, tmp_path):
     folder, good = setup
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     train = {**TRAIN, "val_every": 2}
-    output = _launch_script(tmp_path, FAILURES, folder, good, bad, tmp_path, json.dumps(ADAPTER), json.dumps(train))
+    _, output = _mlx_launch(tmp_path, FAILURES, folder, good, bad, tmp_path, json.dumps(ADAPTER), json.dumps(train),
+                            timeout=240)
     got = [json.loads((tmp_path / f"results-{r}.json").read_text()) for r in (0, 1)]
     assert got[0]["first run"] is None and got[1]["first run"] is None
     for case, error, what in (("folder holds checkpoints", "holds checkpoints of an earlier run", "preparing the run"),

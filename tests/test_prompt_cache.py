@@ -257,26 +257,3 @@ def test_cli_cache_prompt_and_generate(tiny, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 40)
     r = run(main, ["generate", "-m", folder, "--prompt-cache", str(tmp_path / "bad.safetensors"), "--prompt", "x"])
     assert r.exit_code == 1 and "corrupt" in r.output
-
-
-@pytest.mark.real
-def test_real_270m_prefix_past_the_window(real_gpl3_prefix, tmp_path):
-    """The real 270M: a 599-token prefix (window 512) saved and loaded continues exactly as the prefix kept in
-    memory does, which is what a fresh run of the whole prompt computes when its first chunk is the prefix
-    (the tiny tests check that equality). The prefix is prefilled once for the session (conftest.py), shared
-    with test_real_270m.py's check of the same cache against transformers."""
-    model, tok, pc, ids = real_gpl3_prefix
-    prefix = tok.decode(ids[:598])
-    pc.save(tmp_path / "gpl.safetensors")
-    assert len(pc.tokens) > model.cfg.sliding_window
-    cont = tok.decode(ids[598:610])
-    in_memory = list(stream_generate(model, tok, cont, 6, prompt_cache=pc))
-    rs = list(stream_generate(model, tok, cont, 6, prompt_cache=tmp_path / "gpl.safetensors"))
-    assert tokens_of(rs) == tokens_of(in_memory)
-    assert rs[-1].prompt_tokens == len(tok.encode(prefix + cont)) - len(pc.tokens)
-    # the loaded caches hold exactly what the prefill left, layer by layer (greedy tokens alone can miss a
-    # sliding layer whose keys are restored out of order: the global layers still see every token)
-    loaded = load_prompt_cache(tmp_path / "gpl.safetensors", model)
-    for mine, theirs in zip(pc.make_cache(), loaded.make_cache()):
-        assert mine.offset == theirs.offset == len(pc.tokens)
-        assert all(mx.array_equal(x, y).item() for x, y in zip(mine.fetch(), theirs.fetch()))

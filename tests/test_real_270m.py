@@ -66,21 +66,8 @@ def test_greedy_default_route_identical_until_a_near_tie(real_270m, ref):
         assert _greedy(model, ref[f"{case}_prompt_ids"], n) == expected
 
 
-# perplexity against transformers and llama.cpp: tests/test_evaluate.py (a 640-token window)
+# perplexity against transformers and llama.cpp: tests/test_evaluate.py; past the window: test_real_past_window.py
 
-
-def test_prompt_past_sliding_window_matches_full_recompute(real_gpl3_prefix, ref):
-    """600 tokens (window 512) through the rotating caches == transformers' single pass: the first 599 prefilled in
-    chunks of 256 (the session's prompt cache, which test_prompt_cache.py saves and reloads), then the last one
-    as the rest of a prompt is, into the full ring."""
-    from mlx_gemma_qat.generate import prefill
-
-    model, _, pc, _ = real_gpl3_prefix
-    assert pc.tokens == ref["long600_ids"][:599].tolist()
-    cache = pc.make_cache()
-    logits = prefill(model, mx.array(ref["long600_ids"][599:]), cache, step=256)
-    np.testing.assert_allclose(np.array(logits[0]), ref["long600_last_logits"], atol=2e-3, rtol=0)
-    assert cache[0].keys.shape[2] == 512 and cache[0].offset == 600  # the sliding layers hold exactly the window
 
 
 def test_converted_folder_reports_exactness(real_270m):
