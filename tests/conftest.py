@@ -23,6 +23,13 @@ def tiny_config(**kw) -> TextConfig:
     return TextConfig(**args)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with real-weights tests first, the rest in file order: ``make test``'s two workers take a module at
+    a time in this order, so the long modules start early and the short ones fill in at the end."""
+    real = {item.module.__name__ for item in items if item.get_closest_marker("real") and hasattr(item, "module")}
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") not in real)
+
+
 def shared(tmp_path_factory, name: str, build):
     """``build(path)`` run once per test run under ``path`` and shared by pytest-xdist's workers (``make test``
     runs two): the first worker to ask builds it under a file lock, the others wait and take what it built.
@@ -40,6 +47,16 @@ def shared(tmp_path_factory, name: str, build):
         if not path.exists():
             build(path)
     return path
+
+
+def generated_text(result) -> str:
+    """The text a CliRunner ``generate`` printed: without a first conversion's note and progress bar and without
+    the statistics after it (speeds differ from run to run)."""
+    assert result.exit_code == 0, result.output
+    out = "".join(line for line in result.output.splitlines(keepends=True)
+                  if not line.startswith("converting"))  # the note and the progress bar of a first conversion
+    assert "\nPrompt: " in out, out
+    return out.split("\nPrompt: ")[0]
 
 
 def random_model(cfg: TextConfig, seed: int = 0) -> Model:
@@ -81,6 +98,32 @@ def loaded(monkeypatch):
 
     monkeypatch.setattr(mlx_gemma_qat, "load", spy)
     return models
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """An offline Hugging Face cache laid out as huggingface_hub writes it (``HF_HUB_OFFLINE=1``): returns
+    ``make(repo_id, kind="models")``, which creates the repo's snapshot folder to write its files into."""
+    from pathlib import Path
+
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+
+    def make(repo_id: str, kind: str = "models") -> Path:
+        repo = cache / (f"{kind}--" + repo_id.replace("/", "--"))
+        snap = repo / "snapshots" / "0123456789abcdef"
+        snap.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123456789abcdef")
+        return snap
+
+    return make
 
 
 @pytest.fixture
