@@ -4,6 +4,7 @@ kld, compare."""
 from __future__ import annotations
 
 import functools
+import json
 import shlex
 import sys
 
@@ -204,12 +205,14 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
              grammar_file, draft_model, num_draft_tokens, prompt_lookup, widen, scales, adapter_path):
     """Generate text, streaming tokens as they come."""
     from . import load
-    from .generate import format_stats, stream_generate
+    from .generate import base_model_note, format_stats, stream_generate
 
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
+    if chat and base_model_note(tok):
+        click.echo(f"Note: {base_model_note(tok)}", err=True)
     speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -256,10 +259,12 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     """
     from . import load
     from .chat import ChatSession
-    from .generate import format_stats
+    from .generate import base_model_note, format_stats
 
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
+    if base_model_note(tok):
+        click.echo(f"Note: {base_model_note(tok)}", err=True)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size), num_draft_tokens=num_draft_tokens,
                           **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
@@ -328,6 +333,61 @@ def cache_prompt(model, prompt, out, chat, dtype, prefill_step, kv_bits, kv_grou
     kv = "float" if pc.kv_bits is None else f"{pc.kv_bits}-bit g{pc.kv_group_size}"
     mode = "chat (system part)" if pc.chat else "raw"
     click.echo(f"cached {len(pc.tokens)} tokens ({mode}, {pc.dtype}, {kv} KV cache) to {out}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of the models, for scripts.")
+@click.option("--all", "show_all", is_flag=True, help="Also list models of other architectures (not supported).")
+@_clean_errors
+def list_models(as_json, show_all):
+    """Every Gemma 3 model found on this machine: our conversions, the Hugging Face cache, Ollama, LM Studio."""
+    from .catalog import find_models
+
+    found = find_models(include_unsupported=show_all)
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in found], indent=1))
+        return
+    if not found:
+        click.echo("no Gemma 3 models found (mlx-gemma pull NAME downloads and converts one)")
+        return
+    rows = [("NAME (-m)", "SOURCE", "SIZE", "TYPES", "VISION", "CONVERTED")]
+    for e in found:
+        types = ",".join(e.types) if e.supported else f"not supported: {e.architecture}"
+        rows.append((e.name, e.source, _size(e.size), types, "yes" if e.vision else "no",
+                     "yes" if e.converted else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+@main.command()
+@click.argument("name")
+@click.option("--mmproj", default=None, type=click.Path(), help="With a text GGUF: llama.cpp's vision GGUF.")
+@_clean_errors
+def pull(name, mmproj):
+    """Download (from the hub) and convert NAME now, so that the first generate starts at once."""
+    from .models_cache import resolve_model
+
+    click.echo(f"{name} -> {resolve_model(name, mmproj=mmproj)}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--mmproj", default=None, type=click.Path(), help="With a text GGUF: the vision GGUF it was pulled with.")
+@_clean_errors
+def rm(name, mmproj):
+    """Remove our converted copy of NAME (never the file or folder it came from)."""
+    from .models_cache import cached_conversion, remove_conversion
+
+    folder = cached_conversion(name, mmproj=mmproj)
+    if folder is None:
+        raise click.ClickException(f"{name}: no converted copy in the cache")
+    remove_conversion(folder)
+    click.echo(f"removed {folder}")
 
 
 @main.command()

@@ -145,6 +145,17 @@ def encode_prompt(
     return layout_images(tokenizer, text, n_images, image_ids, crops)
 
 
+BASE_MODEL_NOTE = ("this model ships no chat template: it is a base (pre-trained) model, which continues text rather "
+                   "than answering, and the Gemma 3 chat layout it is given was not trained into it. For a chat, use "
+                   "an instruction-tuned file (Google's are named gemma-3-*-it, e.g. "
+                   "-m google/gemma-3-1b-it-qat-q4_0-gguf)")
+
+
+def base_model_note(tokenizer) -> str | None:
+    """What to tell a user who chats with a model that ships no chat template (None when it ships one)."""
+    return None if getattr(tokenizer, "chat_template", None) else BASE_MODEL_NOTE
+
+
 def _enc(tokenizer, t: str) -> list[int]:
     return list(tokenizer.encode(t, add_special_tokens=False)) if t else []
 

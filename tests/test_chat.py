@@ -116,3 +116,23 @@ def test_a_reply_left_early_keeps_the_cache_record_true(vlm):
     rs = list(s.send("more", max_tokens=6, sampler=sampler))
     assert s.reused_tokens > 0
     assert [r.token for r in rs] == fresh(model, tok, s.messages[:-1], sampler, 6)[0]
+
+
+def test_chat_on_a_base_model_says_so_once(vlm, tmp_path, monkeypatch):
+    """A model that ships no chat template (a base model's GGUF, like the embedded 270M): `chat` and `generate
+    --chat` say once that it continues text and point to an instruction-tuned file; a templated model and a raw
+    `generate` say nothing."""
+    from gguf_factory import write_tiny_gguf
+
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base.gguf"
+    write_tiny_gguf(base)  # llama.cpp's converter writes no template for a base model
+    note = "Note: this model ships no chat template: it is a base (pre-trained) model"
+    r = CliRunner().invoke(main, ["chat", "-m", str(base), "-n", "2"], input="hello\nagain\n")
+    assert r.exit_code == 0 and r.output.count(note) == 1 and "gemma-3-1b-it-qat-q4_0-gguf" in r.output, r.output
+    r = CliRunner().invoke(main, ["generate", "-m", str(base), "--chat", "--prompt", "hi", "-n", "2"])
+    assert r.exit_code == 0 and r.output.count(note) == 1, r.output
+    r = CliRunner().invoke(main, ["generate", "-m", str(base), "--prompt", "hi", "-n", "2"])
+    assert r.exit_code == 0 and note not in r.output, r.output
+    r = CliRunner().invoke(main, ["chat", "-m", str(vlm[0]), "-n", "2"], input="hello\n")
+    assert r.exit_code == 0 and note not in r.output, r.output

@@ -72,26 +72,8 @@ def test_file_errors(tmp_path):
 # -------------------------------------------------------------------------------------- Hugging Face datasets
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A hand-made offline hub cache; returns make(repo_id) -> the snapshot folder to write files into."""
-    cache = tmp_path / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-
-    def make(repo_id: str) -> Path:
-        repo = cache / ("datasets--" + repo_id.replace("/", "--"))
-        snap = repo / "snapshots" / "0123456789abcdef"
-        snap.mkdir(parents=True)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text("0123456789abcdef")
-        return snap
-
-    return make
+def hub(fake_hub):
+    return lambda repo_id: fake_hub(repo_id, "datasets")
 
 
 def test_dataset_jsonl_under_data(hub):

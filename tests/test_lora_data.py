@@ -189,22 +189,11 @@ def test_a_missing_local_path_is_an_error_never_a_hub_download(tmp_path, monkeyp
     assert load_splits("tiny-org/tiny.data")["train"][0]["text"] == "a" and asked == ["tiny-org/tiny.data"]
 
 
-def test_load_splits_hub_offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    repo = cache / "datasets--tiny-org--tiny-data"
-    snap = repo / "snapshots" / "0123456789abcdef"
+def test_load_splits_hub_offline_cache(fake_hub):
+    snap = fake_hub("tiny-org/tiny-data", "datasets")
     (snap / "data").mkdir(parents=True)
     write(snap / "train.jsonl", [{"text": "from the hub"}, {"text": "two"}])
     write(snap / "data" / "valid.jsonl", [{"prompt": "p", "completion": "c"}])
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123456789abcdef")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     out = load_splits("tiny-org/tiny-data")
     assert [r["text"] for r in out["train"]] == ["from the hub", "two"]
     assert out["valid"][0]["completion"] == "c" and "test" not in out

@@ -76,19 +76,9 @@ def test_affine_route_options(tmp_path):
     load_model(out)
 
 
-def test_hub_repo_id_offline_from_cache(tmp_path, monkeypatch, ref):
+def test_hub_repo_id_offline_from_cache(tmp_path, fake_hub, ref):
     """A repo id resolves through huggingface_hub's cache with no network (HF_HUB_OFFLINE=1)."""
-    cache = tmp_path / "hub"
-    snap = cache / "models--tiny-org--tiny-gemma3" / "snapshots" / "0123456789abcdef"
-    shutil.copytree(FIX / "tiny_gemma3", snap)
-    (cache / "models--tiny-org--tiny-gemma3" / "refs").mkdir()
-    (cache / "models--tiny-org--tiny-gemma3" / "refs" / "main").write_text("0123456789abcdef")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    shutil.copytree(FIX / "tiny_gemma3", fake_hub("tiny-org/tiny-gemma3"), dirs_exist_ok=True)
     out = convert("tiny-org/tiny-gemma3", tmp_path / "m", mode="none", progress=False)
     logits = np.array(load_model(out)(mx.array(ref["main_prompt40_ids"][None]))[0])
     np.testing.assert_allclose(logits, ref["main_prompt40_logits"], atol=5e-4, rtol=0)

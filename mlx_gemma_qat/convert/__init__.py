@@ -70,6 +70,11 @@ def convert(
             bar.update(1)
         bar.close()
 
+    if not Path(src).expanduser().exists():  # a repo id: a checkpoint folder, or a GGUF repo's model and mmproj
+        from .hub import fetch
+
+        found = fetch(str(src))
+        src, mmproj = found.path, mmproj if mmproj is not None or not is_gguf(found.path) else found.mmproj
     if is_gguf(src):
         with from_gguf.reading(src):
             return _convert_gguf(src, out, tracked, types, exact, q6k=q6k, dequantize=dequantize, mmproj=mmproj,

@@ -10,7 +10,6 @@ given, as Google's own Q4_0 QAT files keep it in F16.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -159,18 +158,11 @@ def iter_tensors(
 
 
 def resolve(src: str, *, offline: bool | None = None) -> Path:
-    """A local folder, or a Hugging Face repo id fetched through huggingface_hub (its cache works offline)."""
+    """A local folder, or a Hugging Face repo id fetched through huggingface_hub (:mod:`.hub`; its cache works
+    offline): the checkpoint folder, or the model GGUF of a GGUF repo."""
+    from .hub import fetch
+
     p = Path(src).expanduser()
     if p.exists():
         return p
-    if src.count("/") != 1 or src.startswith((".", "/")):
-        raise HFError(f"{src}: no such file or folder")
-    from huggingface_hub import snapshot_download
-
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-    try:
-        return Path(snapshot_download(src, allow_patterns=patterns, local_files_only=offline))
-    except Exception as e:
-        raise HFError(f"{src}: not a local path and not downloadable from the Hugging Face hub ({e})") from None
+    return fetch(src, offline=offline).path

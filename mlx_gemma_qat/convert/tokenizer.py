@@ -252,6 +252,12 @@ def _read_kv_file(path: str | os.PathLike, wanted: tuple[str, ...] = _KEYS) -> d
             buf.release()
 
 
+def read_gguf_keys(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of ``keys`` in the GGUF at ``path`` (those it has), read from its key/value section alone.
+    Walk the header with :func:`.gguf_check.check_gguf` first: this reader trusts its lengths."""
+    return _read_kv_file(path, keys)
+
+
 def _read_kv_reader(reader) -> dict[str, Any]:
     """The tokenizer keys of a ``gguf.GGUFReader`` (or anything with a GGUFReader-like ``fields``)."""
     out: dict[str, Any] = {}
