@@ -211,8 +211,9 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
-    if chat and base_model_note(tok):
-        click.echo(f"Note: {base_model_note(tok)}", err=True)
+    note = base_model_note(tok) if chat else None
+    if note:
+        click.echo(f"Note: {note}", err=True)
     speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -263,8 +264,9 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
 
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
-    if base_model_note(tok):
-        click.echo(f"Note: {base_model_note(tok)}", err=True)
+    note = base_model_note(tok)
+    if note:
+        click.echo(f"Note: {note}", err=True)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size), num_draft_tokens=num_draft_tokens,
                           **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))

@@ -82,10 +82,8 @@ def find_source(spec: str | os.PathLike | None, *, mmproj: str | os.PathLike | N
         spec, mmproj = stored.gguf, mmproj if mmproj is not None else stored.mmproj
     src = default_gguf() if spec is None else Path(spec).expanduser()
     if not src.exists():  # a hub repo id (works offline from the hub cache)
-        found = fetch(str(spec), offline=offline)
-        src = found.path
-        if mmproj is None and is_gguf(src):
-            mmproj = found.mmproj
+        found = fetch(str(spec), offline=offline)  # its mmproj is None but beside a model GGUF
+        src, mmproj = found.path, mmproj if mmproj is not None else found.mmproj
     if mmproj is not None and not is_gguf(src):
         raise ModelNotFoundError(f"--mmproj goes with a text GGUF model; {src} is not one")
     if src.is_file() and not is_gguf(src):

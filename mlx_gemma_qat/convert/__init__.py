@@ -73,8 +73,8 @@ def convert(
     if not Path(src).expanduser().exists():  # a repo id: a checkpoint folder, or a GGUF repo's model and mmproj
         from .hub import fetch
 
-        found = fetch(str(src))
-        src, mmproj = found.path, mmproj if mmproj is not None or not is_gguf(found.path) else found.mmproj
+        found = fetch(str(src))  # its mmproj is None but beside a model GGUF
+        src, mmproj = found.path, mmproj if mmproj is not None else found.mmproj
     if is_gguf(src):
         with from_gguf.reading(src):
             return _convert_gguf(src, out, tracked, types, exact, q6k=q6k, dequantize=dequantize, mmproj=mmproj,
@@ -82,7 +82,7 @@ def convert(
 
     if mmproj is not None:
         raise from_hf.HFError("--mmproj goes with a text GGUF; a Hugging Face folder carries its vision tower")
-    folder = from_hf.resolve(str(src))
+    folder = Path(src).expanduser()
     if folder.is_file():
         raise from_hf.HFError(f"{src}: not a GGUF file and not a model folder")
     raw, cfg = from_hf.read_config(folder)

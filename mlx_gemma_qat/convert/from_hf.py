@@ -155,14 +155,3 @@ def iter_tensors(
     n_layers_seen = len({n.split(".")[2] for n in seen if n.startswith("model.layers.")})
     if n_layers_seen != cfg.num_hidden_layers:
         raise HFError(f"{folder}: weights cover {n_layers_seen} layers, config says {cfg.num_hidden_layers}")
-
-
-def resolve(src: str, *, offline: bool | None = None) -> Path:
-    """A local folder, or a Hugging Face repo id fetched through huggingface_hub (:mod:`.hub`; its cache works
-    offline): the checkpoint folder, or the model GGUF of a GGUF repo."""
-    from .hub import fetch
-
-    p = Path(src).expanduser()
-    if p.exists():
-        return p
-    return fetch(src, offline=offline).path
