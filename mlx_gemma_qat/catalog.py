@@ -48,13 +48,14 @@ def _gguf_facts(path: Path) -> tuple[str, dict[str, int], bool]:
     return stores.architecture(path), dict(sorted(types.items())), inside
 
 
-def _entry(name: str, source: str, model: Path, mmproj: Path | None, display: str | None = None) -> Entry:
+def _entry(name: str, source: str, model: Path, mmproj: Path | None, display: str | None = None,
+           defaults: dict | None = None) -> Entry:
     try:
         arch, types, inside = _gguf_facts(model)
     except (ValueError, OSError) as e:
         return Entry(name, source, str(model), 0, architecture=f"unreadable ({type(e).__name__})")
     size = model.stat().st_size + (mmproj.stat().st_size if mmproj else 0)
-    out = converted_folder(model, mmproj, display)
+    out = converted_folder(model, mmproj, display, defaults)
     return Entry(name, source, str(model), size, types, bool(mmproj) or inside, arch,
                  str(out) if (out / "config.json").is_file() else None)
 
@@ -121,7 +122,7 @@ def ollama() -> list[Entry]:
             except stores.StoreError as e:
                 out.append(Entry(f"ollama:{name}:{tag}", "ollama", str(path), 0, architecture=f"unusable ({e})"))
                 continue
-            out.append(_entry(m.name, "ollama", m.gguf, m.mmproj, m.name))
+            out.append(_entry(m.name, "ollama", m.gguf, m.mmproj, m.name, m.defaults))
     return out
 
 

@@ -167,16 +167,23 @@ def convert(src, out, q6k, mmproj, dequantize, mode, bits, group_size, embed_bit
     click.echo(f"wrote {path}")
 
 
+def _sampling_options(f):
+    """--temp, --top-p, --top-k, --min-p: unset ones take the model's default sampling (an Ollama model's params),
+    else off (greedy)."""
+    for opt, kind, what in reversed([("--temp", float, "Temperature (0: greedy)"), ("--top-p", float, "top_p (0: off)"),
+                                     ("--top-k", int, "top_k (0: off)"), ("--min-p", float, "min_p (0: off)")]):
+        f = click.option(opt, type=kind, default=None, help=f"{what}; default: the model's default sampling "
+                                                            "(an Ollama model's params), else 0.")(f)
+    return f
+
+
 @main.command()
 @click.option("--model", "-m", default=None, help="MLX folder, GGUF file, HF folder or repo id (default: embedded Gemma 3 270M).")
 @click.option("--mmproj", default=None, type=click.Path(),
               help="With a text GGUF --model: llama.cpp's vision GGUF (mmproj), to read --image.")
 @click.option("--prompt", "-p", required=True, help="Prompt text ('-' reads standard input).")
 @click.option("--max-tokens", "-n", type=int, default=256, show_default=True)
-@click.option("--temp", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float, default=0.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--min-p", type=float, default=0.0, show_default=True)
+@_sampling_options
 @click.option("--seed", type=int, default=None)
 @click.option("--chat/--raw", default=None,
               help="Apply the chat template or not (default: when the model ships one, i.e. instruction-tuned).")
@@ -206,17 +213,20 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     """Generate text, streaming tokens as they come."""
     from . import load
     from .generate import base_model_note, format_stats, stream_generate
+    from .sampling import choose_sampling
 
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     if prompt == "-":
         prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
-    note = base_model_note(tok) if chat else None
-    if note:
-        click.echo(f"Note: {note}", err=True)
+    sampling = choose_sampling(m, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    for note in (base_model_note(tok) if chat else None, sampling.note):
+        if note:
+            click.echo(f"Note: {note}", err=True)
     speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens)
     last = None
-    for last in stream_generate(m, tok, prompt, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+    for last in stream_generate(m, tok, prompt, max_tokens, temp=sampling.temp, top_p=sampling.top_p,
+                                top_k=sampling.top_k, min_p=sampling.min_p, stop_strings=list(sampling.stop) or None,
                                 seed=seed, chat=chat, system=system, images=list(images) or None,
                                 pan_and_scan=pan_and_scan, prefill_step_size=prefill_step, kv_bits=kv_bits,
                                 kv_group_size=int(kv_group_size), prompt_cache=prompt_cache, constraint=constraint,
@@ -235,10 +245,7 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @click.option("--image", "images", multiple=True, help="Image(s) for the first message (later: /image PATH).")
 @click.option("--pan-and-scan", is_flag=True, help="Also show the model crops of elongated images.")
 @click.option("--max-tokens", "-n", type=int, default=512, show_default=True, help="Most tokens per reply.")
-@click.option("--temp", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float, default=0.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--min-p", type=float, default=0.0, show_default=True)
+@_sampling_options
 @click.option("--seed", type=int, default=None)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
               help="Compute dtype (default: float32 on CPU, bfloat16 on GPU).")
@@ -261,12 +268,14 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     from . import load
     from .chat import ChatSession
     from .generate import base_model_note, format_stats
+    from .sampling import choose_sampling
 
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
-    note = base_model_note(tok)
-    if note:
-        click.echo(f"Note: {note}", err=True)
+    sampling = choose_sampling(m, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    for note in (base_model_note(tok), sampling.note):
+        if note:
+            click.echo(f"Note: {note}", err=True)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size), num_draft_tokens=num_draft_tokens,
                           **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
@@ -297,8 +306,9 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
             continue
         try:
             last = None
-            for last in session.send(text, pending, max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                     constraint=constraint):
+            for last in session.send(text, pending, max_tokens, temp=sampling.temp, top_p=sampling.top_p,
+                                     top_k=sampling.top_k, min_p=sampling.min_p,
+                                     stop_strings=list(sampling.stop) or None, constraint=constraint):
                 click.echo(last.text, nl=False)
             click.echo()
             pending = []
@@ -759,10 +769,14 @@ def _names(ctx, param, value) -> tuple[str, ...]:
 @click.option("--decode-batch", type=click.IntRange(min=1), default=None,
               help="Most requests decoded in one batched step (default: batched on a GPU, one by one on the CPU).")
 @click.option("--prefill-step", type=click.IntRange(min=1), default=256, show_default=True, help="Tokens per prefill chunk.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature for requests that give none.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="top_p for requests that give none (1: off).")
-@click.option("--top-k", type=int, default=0, show_default=True, help="top_k for requests that give none (0: off).")
-@click.option("--min-p", type=float, default=0.0, show_default=True, help="min_p for requests that give none.")
+@click.option("--temp", type=float, default=None,
+              help="Temperature for requests that give none (default: the model's default sampling, else 0).")
+@click.option("--top-p", type=float, default=None, help="top_p for requests that give none (default: the model's, "
+                                                         "else 1: off).")
+@click.option("--top-k", type=int, default=None, help="top_k for requests that give none (default: the model's, "
+                                                       "else 0: off).")
+@click.option("--min-p", type=float, default=None, help="min_p for requests that give none (default: the model's, "
+                                                         "else 0).")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True,
               help="Most tokens per reply for requests that give no limit.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
@@ -804,10 +818,18 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
     options = ServerOptions(api_keys=api_key, max_body=max_body, max_images=max_images, bound_host=host,
                             allowed_hosts=allowed_hosts, cors_origins=cors_origin, fetch_policy=fetch_policy,
                             cross_client_reuse=not no_cross_client_reuse)
-    defaults = SamplingParams(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-    defaults.check()
+    from .sampling import Sampling, choose_sampling
+
+    SamplingParams(max_tokens=max_tokens, temperature=temp or 0.0, top_p=1.0 if top_p is None else top_p,
+                   top_k=top_k or 0, min_p=min_p or 0.0).check()  # the options, before the model loads
     folder = resolve_model(model, mmproj=mmproj)
     m, tok = load(folder, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
+    chosen = choose_sampling(m, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, off=Sampling(top_p=1.0))
+    defaults = SamplingParams(max_tokens=max_tokens, temperature=chosen.temp, top_p=chosen.top_p, top_k=chosen.top_k,
+                              min_p=chosen.min_p, stop=chosen.stop)
+    defaults.check()
+    if chosen.note:
+        click.echo(f"Note: {chosen.note}", err=True)
     engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
                     cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
                     prefill_step=prefill_step, parallel=parallel, max_queue=max_queue,

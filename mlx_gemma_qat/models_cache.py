@@ -52,12 +52,16 @@ def _key(src: Path) -> str:
     return hashlib.sha1(ident.encode()).hexdigest()[:12]
 
 
-def converted_folder(src: Path, mmproj: Path | None = None, name: str | None = None) -> Path:
+def converted_folder(src: Path, mmproj: Path | None = None, name: str | None = None,
+                     defaults: dict | None = None) -> Path:
     """Where ``src`` (a GGUF or a checkpoint folder, with its ``mmproj``) is converted to in the cache: keyed by
-    the files' identity; named after ``name`` (a store's model name: its blobs are named by digest) or the file."""
+    the files' identity (and the ``defaults`` a store adds); named after ``name`` (a store's model name: its blobs
+    are named by digest) or the file."""
     key = _key(src if src.is_file() else src / "config.json")
     if mmproj is not None:
         key = hashlib.sha1((key + _key(mmproj)).encode()).hexdigest()[:12]
+    if defaults:
+        key = hashlib.sha1((key + json.dumps(defaults, sort_keys=True)).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name) if name else src.name.removesuffix(".gguf")
     return cache_root() / f"{name}-{key}"
 
@@ -67,6 +71,7 @@ class Source:
     path: Path  # a GGUF, a checkpoint folder or an MLX folder
     mmproj: Path | None = None
     name: str | None = None  # a store's model name
+    defaults: dict | None = None  # what the store adds: chat_template, sampling (convert's arguments)
 
 
 def find_source(spec: str | os.PathLike | None, *, mmproj: str | os.PathLike | None = None,
@@ -92,7 +97,8 @@ def find_source(spec: str | os.PathLike | None, *, mmproj: str | os.PathLike | N
         raise ModelNotFoundError(f"{src}: no config.json (not a model folder)")
     if mmproj is not None and not Path(mmproj).expanduser().is_file():
         raise ModelNotFoundError(f"{mmproj}: no such mmproj file")
-    return Source(src, Path(mmproj).expanduser() if mmproj is not None else None, stored.name if stored else None)
+    return Source(src, Path(mmproj).expanduser() if mmproj is not None else None, stored.name if stored else None,
+                  stored.defaults if stored else None)
 
 
 def cached_conversion(spec: str | os.PathLike | None, *, mmproj=None) -> Path | None:
@@ -100,7 +106,7 @@ def cached_conversion(spec: str | os.PathLike | None, *, mmproj=None) -> Path | 
     src = find_source(spec, mmproj=mmproj, offline=True)
     if src.path.is_dir() and is_mlx_folder(src.path):
         return src.path if src.path.parent == cache_root() else None
-    out = converted_folder(src.path, src.mmproj, src.name)
+    out = converted_folder(src.path, src.mmproj, src.name, src.defaults)
     return out if out.is_dir() else None
 
 
@@ -124,7 +130,7 @@ def resolve_model(spec: str | os.PathLike | None, *, mmproj: str | os.PathLike |
     src, mmproj = source.path, source.mmproj
     if src.is_dir() and is_mlx_folder(src):
         return src
-    out = converted_folder(src, mmproj, source.name)
+    out = converted_folder(src, mmproj, source.name, source.defaults)
     if (out / "config.json").is_file():
         return out
     locks = cache_root() / ".locks"
@@ -134,5 +140,5 @@ def resolve_model(spec: str | os.PathLike | None, *, mmproj: str | os.PathLike |
             if progress:
                 what = source.name or f"{src}{f' + {mmproj}' if mmproj else ''}"
                 print(f"converting {what} -> {out} (once)", file=sys.stderr)
-            convert(src, out, mmproj=mmproj, force=out.exists(), progress=progress)
+            convert(src, out, mmproj=mmproj, force=out.exists(), progress=progress, **(source.defaults or {}))
     return out

@@ -3,9 +3,14 @@
 ``Sampler.logits`` gives the distribution a sampler draws from (top-p, min-p and top-k, in mlx-lm's
 ``make_sampler`` order, then the temperature), so plain decoding, the server and speculative rejection
 sampling (``speculative.py``), which needs the distribution itself and not only a draw, all sample the same one.
+
+``choose_sampling`` picks each setting from what the user gave, else the model's default sampling (recorded at
+conversion from an Ollama manifest's params), else the command's own default.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -57,3 +62,58 @@ class Sampler:
         if self.greedy:
             return mx.argmax(logprobs, axis=-1)
         return self.categorical(self.logits(logprobs))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings and, in ``note``, which of them came from the model's defaults."""
+
+    temp: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    note: str | None = None
+
+
+_FIELDS = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p"}
+
+
+def model_sampling(model) -> dict:
+    """The default sampling a converted model records (``config.json``: ``mlx_gemma_qat.sampling``; {} for none)."""
+    import json
+    from pathlib import Path
+
+    path = getattr(model, "path", None)
+    try:
+        config = json.loads((Path(path) / "config.json").read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    found = (config.get("mlx_gemma_qat") or {}).get("sampling")
+    return found if isinstance(found, dict) else {}
+
+
+def choose_sampling(model, *, temp=None, top_p=None, top_k=None, min_p=None, off: Sampling = Sampling()) -> Sampling:
+    """Each setting the caller gave (not None), else the model's default, else ``off``'s."""
+    given = {"temp": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+    defaults = model_sampling(model)
+    used = {}
+    values = {}
+    for key, name in _FIELDS.items():
+        if given[name] is not None:
+            values[name] = given[name]
+        elif key in defaults:
+            values[name] = used[key] = defaults[key]
+        else:
+            values[name] = getattr(off, name)
+    if float(values["temp"]) == 0:  # greedy: the filters change nothing
+        used = {k: v for k, v in used.items() if k == "temperature"}
+    stop = tuple(defaults.get("stop") or ())
+    if stop:
+        used["stop"] = list(stop)
+    note = None
+    if used:
+        shown = ", ".join(f"{k} {v}" for k, v in used.items())
+        note = f"sampling from the model's defaults (its Ollama params): {shown}; the options override them"
+    return Sampling(float(values["temp"]), float(values["top_p"]), int(values["top_k"]), float(values["min_p"]),
+                    stop, note)

@@ -50,11 +50,11 @@ def shared(tmp_path_factory, name: str, build):
 
 
 def generated_text(result) -> str:
-    """The text a CliRunner ``generate`` printed: without a first conversion's note and progress bar and without
-    the statistics after it (speeds differ from run to run)."""
+    """The text a CliRunner ``generate`` printed: without a first conversion's note and progress bar, the notes
+    (``Note: ...`` lines) and the statistics after it (speeds differ from run to run)."""
     assert result.exit_code == 0, result.output
     out = "".join(line for line in result.output.splitlines(keepends=True)
-                  if not line.startswith("converting"))  # the note and the progress bar of a first conversion
+                  if not line.startswith(("converting", "Note: ")))
     assert "\nPrompt: " in out, out
     return out.split("\nPrompt: ")[0]
 

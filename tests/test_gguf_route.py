@@ -101,3 +101,51 @@ def test_our_reader_parses_what_gguf_py_parses(tmp_path):
         ours = read_gguf(path)
         assert type(ours.data) is np.ndarray and ours.memmap.filename == str(path.resolve())
         _same_parse(ours, gguf.GGUFReader(str(path)))
+
+
+def _header_only(path, n_layers: int, **kv):
+    """A gemma3 GGUF of the given depth, 8 wide, with only the metadata Ollama's multimodal branch writes."""
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    for key, value in {"block_count": n_layers, "embedding_length": 8, "feed_forward_length": 16,
+                       "attention.head_count": 2, "attention.head_count_kv": 1, "attention.key_length": 4,
+                       "context_length": 131072, "attention.sliding_window": 1024}.items():
+        w.add_uint32(f"gemma3.{key}", value)
+    for key, value in kv.items():
+        (w.add_string if isinstance(value, str) else w.add_array)(f"gemma3.{key}", value)
+    f = np.zeros
+    w.add_tensor("token_embd.weight", f((16, 8), np.float32))
+    w.add_tensor("output_norm.weight", f(8, np.float32))
+    shapes = {"attn_q": (8, 8), "attn_k": (4, 8), "attn_v": (4, 8), "attn_output": (8, 8), "attn_q_norm": (4,),
+              "attn_k_norm": (4,), "ffn_gate": (16, 8), "ffn_up": (16, 8), "ffn_down": (8, 16), "attn_norm": (8,),
+              "post_attention_norm": (8,), "ffn_norm": (8,), "post_ffw_norm": (8,)}
+    for i in range(n_layers):
+        for name, shape in shapes.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", f(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_keys_ollama_leaves_out_take_gemma3_values(tmp_path):
+    """Ollama's converter writes no rope bases, rms eps or rope scaling for a vision model; its runner (model/
+    models/gemma3/model_text.go) then uses 1e6 / 1e4 / 1e-6 and linear scaling by 8 on the 4B/12B/27B depths,
+    as Google's configs say. Its per-layer sliding_window_pattern, where written, gives the layer types."""
+    from mlx_gemma_qat.convert.from_gguf import config_from_gguf, read_gguf
+
+    _header_only(tmp_path / "4b.gguf", 34)
+    cfg = config_from_gguf(read_gguf(tmp_path / "4b.gguf"))
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert (cfg.rope_theta, cfg.rope_local_base_freq, cfg.rms_norm_eps) == (1e6, 1e4, 1e-6)
+    assert cfg.layer_types.count("full_attention") == 5 and cfg.layer_types[5] == "full_attention"
+    _header_only(tmp_path / "none.gguf", 34, **{"rope.scaling.type": "none"})  # llama.cpp's explicit "none"
+    assert config_from_gguf(read_gguf(tmp_path / "none.gguf")).rope_scaling is None
+    _header_only(tmp_path / "1b.gguf", 26)
+    assert config_from_gguf(read_gguf(tmp_path / "1b.gguf")).rope_scaling is None
+    pattern = [True, False, True, True, False, True]
+    _header_only(tmp_path / "pat.gguf", 6, **{"attention.sliding_window_pattern": pattern})
+    assert config_from_gguf(read_gguf(tmp_path / "pat.gguf")).layer_types == [
+        "sliding_attention" if p else "full_attention" for p in pattern]
+    _header_only(tmp_path / "bad.gguf", 6, **{"attention.sliding_window_pattern": pattern[:5]})
+    with pytest.raises(ValueError, match="sliding_window_pattern is not 6 booleans"):
+        config_from_gguf(read_gguf(tmp_path / "bad.gguf"))

@@ -180,3 +180,37 @@ def test_generate_with_gguf_and_mmproj(tmp_path, monkeypatch):
     assert len(folders) == 2  # text alone, text + mmproj; the second run reused its folder
     r = CliRunner().invoke(main, ["generate", "-m", str(vlm), "--mmproj", str(MMPROJ), "--prompt", "x", "-n", "1"])
     assert r.exit_code == 1 and "--mmproj goes with a text GGUF" in r.output
+
+
+def test_ollama_one_file_layout_equals_the_hf_route(tmp_path):
+    """Ollama's own gemma3 GGUF (vision tower inside, its names and its few metadata keys; built as its converter
+    does, tests/gguf_factory.write_ollama_gguf) converts to the model the HF folder gives: transformers' logits."""
+    import mlx.core as mx
+
+    from gguf_factory import go_replace, write_ollama_gguf
+    from mlx_gemma_qat.convert import convert
+    from mlx_gemma_qat.convert.from_gguf import GGUFError
+    from mlx_gemma_qat.convert.from_mmproj import OLLAMA
+    from mlx_gemma_qat.model.load import load_model
+
+    # the replacement table gives the names Ollama's runner reads (model/models/gemma3 gguf tags)
+    name = "vision_tower.vision_model.encoder.layers.3.self_attn.out_proj.bias"
+    assert go_replace(name) == "v.blk.3.attn_output.bias"
+    assert go_replace("multi_modal_projector.mm_input_projection_weight") == "mm.mm_input_projection.weight"
+    assert OLLAMA.name("v.blk.3.mlp.fc2.weight") == "vision_tower.encoder.layers.3.mlp.fc2.weight"
+    ref = np.load(FIX / "tiny_gemma3_vlm_reference.npz")
+    write_ollama_gguf(tmp_path / "one.gguf")
+    out = convert(tmp_path / "one.gguf", tmp_path / "m", progress=False)
+    model = load_model(out)
+    m = model.mcfg
+    assert (m.boi_token_index, m.eoi_token_index, m.image_token_index, m.mm_tokens_per_image) == (255, 256, 257, 16)
+    assert model.mcfg.text.rope_local_base_freq == 1e4 and model.mcfg.text.rms_norm_eps == 1e-6
+    h, groups = model.embed_prompt(ref["p1_ids"], mx.array(ref["pixel_values_a"][None]))
+    logits = np.array(model(None, input_embeddings=h, image_groups=groups)[0])
+    np.testing.assert_allclose(logits, ref["p1_logits"], atol=5e-4, rtol=0)
+    with pytest.raises(GGUFError, match="holds its own vision tower"):
+        convert(tmp_path / "one.gguf", tmp_path / "m2", mmproj=MMPROJ, progress=False)
+    write_ollama_gguf(tmp_path / "odd.gguf", tokens_per_image=15)
+    with pytest.raises(MmprojError, match="15 tokens per image do not pool"):
+        convert(tmp_path / "odd.gguf", tmp_path / "m3", progress=False)
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()

@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import generated_text
 
-from gguf_factory import write_tiny_gguf
+from gguf_factory import write_ollama_gguf, write_tiny_gguf
 from mlx_gemma_qat.cli import main
 from mlx_gemma_qat.convert import stores
+from mlx_gemma_qat.convert.tokenizer import GEMMA3_CHAT_TEMPLATE
 
 FIX = Path(__file__).parent / "fixtures"
 MMPROJ = FIX / "tiny_gemma3_vlm_gguf" / "mmproj-f32.gguf"
@@ -62,13 +63,14 @@ def ollama(tmp_path, monkeypatch, text_gguf):
     return root
 
 
-def _generate(model, mmproj=None, image=True):
-    """`generate -m MODEL [--mmproj] [--image]`, converted first (so the CLI's output is the text and stats)."""
+def _generate(model, mmproj=None, image=True, *args):
+    """`generate -m MODEL [--mmproj] [--image] ARGS`, converted first (so the CLI's output is the text and stats)."""
     from mlx_gemma_qat.models_cache import resolve_model
 
     resolve_model(model, mmproj=mmproj, progress=False)
     extra = (["--mmproj", str(mmproj)] if mmproj else []) + (["--image", IMAGE] if image else [])
-    return CliRunner().invoke(main, ["generate", "-m", str(model), *extra, "--prompt", "What?", "-n", "6", "--raw"])
+    return CliRunner().invoke(main, ["generate", "-m", str(model), *extra, "--prompt", "What?", "-n", "6", "--raw",
+                                     *args])
 
 
 def _fails(model, starts):
@@ -84,11 +86,56 @@ def test_ollama_model_with_projector_generates_what_the_files_do(ollama, text_gg
     m = stores.ollama_model("gemma3:tiny-it-qat")
     assert m.gguf.read_bytes() == text_gguf.read_bytes() and m.mmproj.read_bytes() == MMPROJ.read_bytes()
     assert m.params == {"stop": ["<end_of_turn>"], "temperature": 1, "top_k": 64} and "<start_of_turn>" in m.template
-    want = generated_text(_generate(text_gguf, MMPROJ))
-    assert generated_text(_generate("ollama:gemma3:tiny-it-qat")) == want
-    assert generated_text(_generate("ollama:gemma3:tiny-it-qat")) == want  # again: from the conversion
-    cached = [p.name for p in (ollama.parent / "cache").iterdir() if not p.name.startswith(".")]
-    assert len(cached) == 2 and any(n.startswith("ollama-gemma3-tiny-it-qat-") for n in cached)
+    want = generated_text(_generate(text_gguf, MMPROJ, True, "--temp", "0"))
+    assert generated_text(_generate("ollama:gemma3:tiny-it-qat", None, True, "--temp", "0")) == want
+    # the params layer is the model's default sampling: the same draws as giving them, and said once
+    sampled = _generate("ollama:gemma3:tiny-it-qat", None, True, "--seed", "3")
+    assert sampled.output.count("Note: sampling from the model's defaults (its Ollama params): temperature 1, "
+                                "top_k 64, stop ['<end_of_turn>']; the options override them") == 1
+    given = _generate(text_gguf, MMPROJ, True, "--seed", "3", "--temp", "1", "--top-k", "64")
+    assert generated_text(sampled) == generated_text(given) != want
+    assert generated_text(_generate("ollama:gemma3:tiny-it-qat", None, True, "--temp", "0")) == want  # converted
+    cached = [p for p in (ollama.parent / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(cached) == 2 and any(p.name.startswith("ollama-gemma3-tiny-it-qat-") for p in cached)
+    # the Go template in Gemma's turn format gives Gemma 3's chat template (the GGUF has none)
+    templates = {p.name.startswith("ollama-"): json.loads((p / "tokenizer_config.json").read_text()).get(
+        "chat_template") for p in cached}
+    assert templates == {True: GEMMA3_CHAT_TEMPLATE, False: None}
+
+
+def test_serve_takes_the_ollama_params_as_its_defaults(ollama, monkeypatch):
+    """`serve -m ollama:...`: requests that give no sampling get the params layer's; the options override them."""
+    import mlx_gemma_qat.server.app as app
+    import mlx_gemma_qat.server.engine as engine
+
+    got = []
+    monkeypatch.setattr(engine, "Engine", lambda *a, **k: type("E", (), {"speculative": False})())
+    monkeypatch.setattr(app, "create_app", lambda eng, card, defaults, options: got.append(defaults))
+    monkeypatch.setattr(app, "run", lambda *a: None)
+    for extra in ([], ["--top-k", "5"]):
+        r = CliRunner().invoke(main, ["serve", "-m", "ollama:gemma3:tiny-it-qat", *extra])
+        assert r.exit_code == 0, r.output
+    assert [(d.temperature, d.top_p, d.top_k, d.stop) for d in got] == [(1.0, 1.0, 64, ("<end_of_turn>",)),
+                                                                         (1.0, 1.0, 5, ("<end_of_turn>",))]
+
+
+def test_ollama_one_file_vision_model(ollama, text_gguf, tmp_path):
+    """Ollama's own gemma3 pulls: one GGUF holding the vision tower (its names, no projector layer). It reads the
+    image as llama.cpp's pair of files does, whether named in the store or given as the blob's path."""
+    one = tmp_path / "one.gguf"
+    write_ollama_gguf(one)
+    pull(ollama, "gemma3", "4b", {"model": one.read_bytes(), "template": b"<start_of_turn>user\n{{ .Prompt }}"})
+    m = stores.ollama_model("gemma3:4b")
+    assert m.mmproj is None and m.defaults == {"chat_template": GEMMA3_CHAT_TEMPLATE}
+    want = generated_text(_generate(text_gguf, MMPROJ, True, "--temp", "0"))
+    assert generated_text(_generate("ollama:gemma3:4b")) == want  # no params layer: greedy
+    assert generated_text(_generate(m.gguf)) == want
+    r = CliRunner().invoke(main, ["list", "--json"])
+    listed = [e for e in json.loads(r.output) if e["name"] == "ollama:gemma3:4b"]
+    assert len(listed) == 1 and listed[0]["vision"] and listed[0]["converted"]
+    r = CliRunner().invoke(main, ["generate", "-m", str(m.gguf), "--mmproj", str(MMPROJ), "--prompt", "x"])
+    assert r.exit_code == 1 and r.output.endswith(
+        f"\nError: {m.gguf}: holds its own vision tower (Ollama's one-file layout); give no --mmproj\n"), r.output
 
 
 def test_ollama_tag_defaults_to_latest(ollama, text_gguf):

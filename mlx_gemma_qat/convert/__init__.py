@@ -53,8 +53,13 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    chat_template: str | None = None,
+    sampling: dict | None = None,
 ) -> Path:
-    """Convert ``src`` into an MLX folder at ``out``; nothing is left at ``out`` if anything fails."""
+    """Convert ``src`` into an MLX folder at ``out``; nothing is left at ``out`` if anything fails.
+
+    ``chat_template`` (Jinja) is the model's when the source ships none; ``sampling`` (temperature, top_p, top_k,
+    min_p, stop) is recorded as the model's default sampling: both come from an Ollama manifest's layers."""
     import mlx.core as mx
 
     dense_dtype = {None: None, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[dtype]
@@ -78,7 +83,10 @@ def convert(
     if is_gguf(src):
         with from_gguf.reading(src):
             return _convert_gguf(src, out, tracked, types, exact, q6k=q6k, dequantize=dequantize, mmproj=mmproj,
-                                 dense_dtype=dense_dtype, force=force)
+                                 dense_dtype=dense_dtype, force=force, chat_template=chat_template,
+                                 sampling=sampling)
+    if chat_template is not None or sampling is not None:
+        raise from_hf.HFError("a chat template or default sampling goes with a GGUF source")
 
     if mmproj is not None:
         raise from_hf.HFError("--mmproj goes with a text GGUF; a Hugging Face folder carries its vision tower")
@@ -103,7 +111,8 @@ def convert(
     return out
 
 
-def _convert_gguf(src, out, tracked, types, exact, *, q6k, dequantize, mmproj, dense_dtype, force) -> Path:
+def _convert_gguf(src, out, tracked, types, exact, *, q6k, dequantize, mmproj, dense_dtype, force, chat_template,
+                  sampling) -> Path:
     from .tokenizer import special_token_ids, tokenizer_from_gguf, write_tokenizer_files
 
     reader = from_gguf.open_gguf(src)
@@ -112,8 +121,11 @@ def _convert_gguf(src, out, tracked, types, exact, *, q6k, dequantize, mmproj, d
     ids = special_token_ids(reader)
     config = cfg.to_dict()
     text_it = from_gguf.iter_tensors(reader, q6k=q6k, dequantize=dequantize)
-    n_tensors = len(reader.tensors)
-    if mmproj is not None:
+    n_tensors = sum(from_gguf.is_text_tensor(t.name) for t in reader.tensors)
+    embedded = from_gguf.has_embedded_vision(reader)
+    if embedded and mmproj is not None:
+        raise from_gguf.GGUFError(f"{src}: holds its own vision tower (Ollama's one-file layout); give no --mmproj")
+    if mmproj is not None or embedded:
         mcfg, vision_tensors = multimodal_config_from_gguf(reader, cfg, mmproj)
         config = mcfg.to_dict()
         n_tensors += len(vision_tensors)
@@ -123,19 +135,24 @@ def _convert_gguf(src, out, tracked, types, exact, *, q6k, dequantize, mmproj, d
         _write(tmp, config, it, dense_dtype, ids, src)
         # A GGUF carries a chat template only when its model was tuned for chat (Google's -it
         # files do); base models get none, so generation defaults to plain completion for them.
-        template = from_gguf.meta(reader, "tokenizer.chat_template", str)
+        template = from_gguf.meta(reader, "tokenizer.chat_template", str) or chat_template
         write_tokenizer_files(tmp, tokenizer, **ids, chat_template=template)
-        _finish(tmp, _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize,
-                                 mmproj=str(mmproj) if mmproj else None))
+        prov = _provenance(src, "gguf", types, exact, q6k=q6k, dequantize=dequantize,
+                           mmproj=str(mmproj) if mmproj else None)
+        if sampling:
+            prov["sampling"] = dict(sampling)
+        _finish(tmp, prov)
     return out
 
 
-def multimodal_config_from_gguf(reader, text_cfg, mmproj):
-    """The multimodal config for llama.cpp's pair (text GGUF + mmproj GGUF), and the vision tensors."""
+def multimodal_config_from_gguf(reader, text_cfg, mmproj=None):
+    """The multimodal config and the vision tensors: of llama.cpp's pair (text GGUF + ``mmproj`` GGUF), or
+    of Ollama's one file (``mmproj`` None: the vision tower is in ``reader``'s file)."""
     from ..model.vision import VisionConfig
-    from .from_mmproj import MmprojError, read_mmproj
+    from .from_mmproj import MmprojError, read_embedded_vision, read_mmproj
 
-    vcfg, tokens, tensors = read_mmproj(mmproj)
+    vcfg, tokens, tensors = read_mmproj(mmproj) if mmproj is not None else read_embedded_vision(reader)
+    mmproj = mmproj if mmproj is not None else from_gguf.where(reader)
     toks = from_gguf.field(reader, "tokenizer.ggml.tokens") or []
     index = {t: i for i, t in enumerate(toks)}
     # <image_soft_token> is an added token outside tokenizer.model, so llama.cpp's text GGUF lacks it:

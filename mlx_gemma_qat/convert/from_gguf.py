@@ -2,6 +2,15 @@
 
 Undoes llama.cpp's weight transforms: its converter stores every Gemma ``*norm.weight`` as w + 1
 (for a plain RMSNorm kernel); we subtract 1 in float32 so the model sees the Hugging Face values.
+
+Ollama's own converter writes the same text names and the same + 1, with fewer metadata keys: for a
+vision model it writes no ``rope.freq_base``, ``layer_norm_rms_epsilon`` nor ``rope.scaling.*``, and it puts
+the vision tower in the same file (``v.*`` and ``mm.*`` tensors, read by :mod:`.from_mmproj`; this module
+reads the text tensors only). Missing keys take Gemma 3's values, as Ollama's runner does: rms eps 1e-6,
+rope bases 1e6 (global) and 1e4 (local), and linear rope scaling by 8 on the global layers of the 34-, 48-
+and 62-layer models (4B, 12B, 27B: every released one has it in its Hugging Face config).
+``attention.sliding_window_pattern`` (Ollama's per-layer booleans, true = sliding) gives the layer types
+where present; otherwise every sixth layer is global.
 """
 
 from __future__ import annotations
@@ -46,6 +55,17 @@ _TOP_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+VISION_PREFIXES = ("v.", "mm.")  # Ollama's one-file layout: the vision tower and projector beside the text
+_ROPE_SCALED_LAYERS = (34, 48, 62)  # Gemma 3 4B, 12B, 27B: linear rope scaling by 8 on the global layers
+
+
+def is_text_tensor(name: str) -> bool:
+    return not name.startswith(VISION_PREFIXES)
+
+
+def has_embedded_vision(reader: gguf.GGUFReader) -> bool:
+    """Whether the GGUF holds a vision tower beside the text model (Ollama's own gemma3 files)."""
+    return any(not is_text_tensor(t.name) for t in reader.tensors)
 
 
 def is_ours(e: BaseException) -> bool:
@@ -216,7 +236,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> TextConfig:
         raise bad(f"attention.head_count {heads} is not a multiple of attention.head_count_kv {kv_heads}")
     head_dim = get("attention.key_length", default=max(1, hidden // heads))
     inter = get("feed_forward_length")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors if is_text_tensor(t.name)}
     emb = tensors.get("token_embd.weight")
     if emb is None:
         raise bad("no token_embd.weight tensor")
@@ -254,6 +274,15 @@ def config_from_gguf(reader: gguf.GGUFReader) -> TextConfig:
         if st != "linear":
             raise bad(f"rope scaling type {st!r} is not supported (none or linear)")
         rope_scaling = {"rope_type": st, "factor": get("rope.scaling.factor", float, lo=1e-6, hi=1e6)}
+    elif st is None and n_layers in _ROPE_SCALED_LAYERS:  # Ollama's files omit it (see the module's docstring)
+        rope_scaling = {"rope_type": "linear", "factor": 8.0}
+    pattern = field(reader, f"{a}.attention.sliding_window_pattern")
+    if isinstance(pattern, list) and pattern:
+        if len(pattern) != n_layers or not all(isinstance(x, bool) for x in pattern):
+            raise bad(f"attention.sliding_window_pattern is not {n_layers} booleans")
+        layer_types = ["sliding_attention" if x else "full_attention" for x in pattern]
+    else:
+        layer_types = default_layer_types(n_layers, 6)
     try:
         return TextConfig(
             hidden_size=hidden,
@@ -265,11 +294,11 @@ def config_from_gguf(reader: gguf.GGUFReader) -> TextConfig:
             vocab_size=vocab,
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-6, lo=1e-30, hi=1.0),
             rope_theta=get("rope.freq_base", float, 1e6, lo=1e-6, hi=1e30),
-            rope_local_base_freq=10_000.0,  # not in GGUF; llama.cpp hard-codes it for gemma3
+            rope_local_base_freq=get("rope.local.freq_base", float, 1e4, lo=1e-6, hi=1e30),  # Ollama's key
             rope_scaling=rope_scaling,
             query_pre_attn_scalar=float(qpas),
             sliding_window=get("attention.sliding_window", int, 512),
-            layer_types=default_layer_types(n_layers, 6),
+            layer_types=layer_types,
             max_position_embeddings=get("context_length", int, 32768),
             tie_word_embeddings="output.weight" not in tensors,
         )
@@ -286,6 +315,8 @@ def iter_tensors(
     form of the checkpoint, for tools that want floats (mlx_lm.convert, transformers).
     """
     for t in reader.tensors:
+        if not is_text_tensor(t.name):
+            continue
         name = hf_name(t.name)
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
         if len(shape) == 2 and shape[0] == 1 and t.name.endswith("norm.weight"):

@@ -1,4 +1,5 @@
-"""Read llama.cpp's Gemma 3 vision projector file (``mmproj-*.gguf``) into our vision config and tensors.
+"""Read Gemma 3's vision tower from a GGUF into our vision config and tensors: llama.cpp's projector file
+(``mmproj-*.gguf``), or Ollama's one-file layout (the tower inside the model GGUF).
 
 llama.cpp splits a Gemma 3 vision-language checkpoint into a text GGUF (``general.architecture`` gemma3,
 read by :mod:`.from_gguf`) and an ``mmproj`` GGUF (``general.architecture`` "clip", ``general.type``
@@ -41,21 +42,41 @@ numpy shapes (GGUF dims reversed) equal the Hugging Face ones, including the (vi
 (not transposed) and the (hidden, 3, p, p) patch convolution. The converter forces the projection to F16
 (llama.cpp issue 13025) and the ``.embeddings.`` tensors to F32 whatever ``--outtype`` says.
 
+**Ollama's one-file layout** (its converter, ``convert/convert_gemma3.go``: the Hugging Face names through a
+replacement table, ``vision_tower.vision_model`` -> ``v``, ``encoder.layers`` -> ``blk``, ``self_attn.X_proj``
+-> ``attn_X``, ``out_proj`` -> ``attn_output``, ``multi_modal_projector`` -> ``mm``; read by Ollama's
+``model/models/gemma3``). Metadata ``gemma3.vision.*`` with the same key names as above, and
+``gemma3.mm.tokens_per_image`` (default 256) for the pooling:
+
+==============================  ======================================================
+v.patch_embedding               vision_tower.embeddings.patch_embedding
+v.position_embedding            vision_tower.embeddings.position_embedding
+v.blk.N.layer_norm1 / 2         ...layer_norm1 / layer_norm2
+v.blk.N.attn_q/k/v/output       ...self_attn.q_proj / k_proj / v_proj / out_proj
+v.blk.N.mlp.fc1 / fc2           ...mlp.fc1 / mlp.fc2
+v.post_layernorm                vision_tower.post_layernorm
+mm.mm_input_projection.weight   multi_modal_projector.mm_input_projection_weight (vision, text)
+mm.mm_soft_emb_norm.weight      multi_modal_projector.mm_soft_emb_norm.weight (stored w + 1: every
+                                ``*_norm.weight`` outside ``v.`` gets Ollama's + 1)
+==============================  ======================================================
+
 Every tensor comes out dense (F32 -> float32, F16 -> float16, BF16 -> float32 holding the bfloat16
 values, quantized types -> gguf-py's float32 dequantization, exact).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Iterator
 
 import gguf
 import numpy as np
 
 from ..model.vision import VisionConfig
-from .from_gguf import GGUFError, guarded, meta, read_gguf, reading, where
+from .from_gguf import GGUFError, guarded, is_text_tensor, meta, read_gguf, reading, where
 from .grids import MLXTensor, ggml_to_mlx
 
 
@@ -82,22 +103,60 @@ _PROJ = {
     "mm.input_projection.weight": "multi_modal_projector.mm_input_projection_weight",
     "mm.soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight",
 }
-_BLK = re.compile(r"^v\.blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
-_SOFT_NORM = "mm.soft_emb_norm.weight"
+_BLK = re.compile(r"^v\.blk\.(\d+)\.([a-z0-9_.]+)\.(weight|bias)$")
 DEFAULT_SCALE_FACTOR = 4
+DEFAULT_TOKENS_PER_IMAGE = 256
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one tool names Gemma 3's vision tensors and metadata in a GGUF."""
+
+    what: str  # for messages
+    keys: str  # metadata key prefix
+    top: dict[str, str]
+    block: dict[str, str]
+    proj: dict[str, str]
+    projection: str  # the (vision, text) projection's GGUF name
+    soft_norm: str  # the soft-embedding norm's GGUF name (stored w + 1)
+
+    def name(self, gguf_name: str) -> str:
+        """This layout's tensor name -> ours; MmprojError for a name Gemma 3 does not use."""
+        if gguf_name in self.proj:
+            return self.proj[gguf_name]
+        stem, _, kind = gguf_name.rpartition(".")
+        if kind in ("weight", "bias") and stem in self.top:
+            return f"{self.top[stem]}.{kind}"
+        m = _BLK.match(gguf_name)
+        if m and m.group(2) in self.block:
+            return f"vision_tower.encoder.layers.{m.group(1)}.{self.block[m.group(2)]}.{m.group(3)}"
+        raise MmprojError(f"unexpected tensor {gguf_name!r} in {self.what}")
+
+    def expected(self, n_layers: int) -> set[str]:
+        """Every tensor name a tower of ``n_layers`` blocks has (the position embedding has no bias)."""
+        pos = next(k for k, v in self.top.items() if v.endswith("position_embedding"))
+        names = {f"{k}.{s}" for k in self.top for s in ("weight", "bias") if k != pos} | {f"{pos}.weight", *self.proj}
+        return names | {f"v.blk.{i}.{b}.{s}" for i in range(n_layers) for b in self.block for s in ("weight", "bias")}
+
+
+LLAMA_CPP = _Layout("a Gemma 3 mmproj GGUF", "clip.vision.", _TOP, _BLOCK, _PROJ, "mm.input_projection.weight",
+                    "mm.soft_emb_norm.weight")
+OLLAMA = _Layout(
+    "the vision tower of an Ollama Gemma 3 GGUF", "gemma3.vision.",
+    {"v.patch_embedding": "vision_tower.embeddings.patch_embedding",
+     "v.position_embedding": "vision_tower.embeddings.position_embedding",
+     "v.post_layernorm": "vision_tower.post_layernorm"},
+    {"layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2", "attn_q": "self_attn.q_proj",
+     "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.out_proj",
+     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+    {"mm.mm_input_projection.weight": "multi_modal_projector.mm_input_projection_weight",
+     "mm.mm_soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight"},
+    "mm.mm_input_projection.weight", "mm.mm_soft_emb_norm.weight")
 
 
 def mmproj_name(gguf_name: str) -> str:
     """llama.cpp mmproj tensor name -> ours; MmprojError for a name Gemma 3 does not use."""
-    if gguf_name in _PROJ:
-        return _PROJ[gguf_name]
-    stem, _, kind = gguf_name.rpartition(".")
-    if kind in ("weight", "bias") and stem in _TOP:
-        return f"{_TOP[stem]}.{kind}"
-    m = _BLK.match(gguf_name)
-    if m and m.group(2) in _BLOCK:
-        return f"vision_tower.encoder.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.{m.group(3)}"
-    raise MmprojError(f"unexpected tensor {gguf_name!r} in a Gemma 3 mmproj GGUF")
+    return LLAMA_CPP.name(gguf_name)
 
 
 def open_mmproj(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -127,17 +186,17 @@ def _eps(v: float) -> float:
     return float(f32)
 
 
-def vision_config_from_mmproj(reader: gguf.GGUFReader) -> tuple[dict, int, int]:
-    """(vision_config dict, mm_tokens_per_image, text hidden size) from ``clip.vision.*`` metadata."""
+def vision_config_from_mmproj(reader: gguf.GGUFReader, layout: _Layout = LLAMA_CPP) -> tuple[dict, int, int]:
+    """(vision_config dict, mm_tokens_per_image, text hidden size) from the layout's metadata."""
 
     path = where(reader)
 
     def need(key, kind=int, default=None, lo=1, hi=2**31 - 1):
-        v = meta(reader, f"clip.vision.{key}", kind, default, MmprojError)
+        v = meta(reader, layout.keys + key, kind, default, MmprojError)
         if v is None:
-            raise MmprojError(f"{path}: mmproj metadata lacks clip.vision.{key}")
+            raise MmprojError(f"{path}: metadata lacks {layout.keys}{key}")
         if not lo <= v <= hi:
-            raise MmprojError(f"{path}: mmproj metadata clip.vision.{key} = {v} is out of range [{lo}, {hi}]")
+            raise MmprojError(f"{path}: metadata {layout.keys}{key} = {v} is out of range [{lo}, {hi}]")
         return v
 
     # every block has 16 tensors: a block count the file cannot hold is refused before anything is sized by it
@@ -157,30 +216,41 @@ def vision_config_from_mmproj(reader: gguf.GGUFReader) -> tuple[dict, int, int]:
     side = cfg.image_size // cfg.patch_size
     if side * cfg.patch_size != cfg.image_size:
         raise MmprojError(f"{path}: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    scale = need("projector.scale_factor", int, DEFAULT_SCALE_FACTOR)
+    if layout is LLAMA_CPP:
+        scale = need("projector.scale_factor", int, DEFAULT_SCALE_FACTOR)
+    else:  # Ollama: the pooled token count; its runner reads "mm_tokens_per_image", its converter writes this
+        tokens = meta(reader, "gemma3.mm.tokens_per_image", int, None, MmprojError)
+        tokens = tokens or meta(reader, "gemma3.mm_tokens_per_image", int, DEFAULT_TOKENS_PER_IMAGE, MmprojError)
+        per_side = math.isqrt(max(tokens, 1))
+        if per_side * per_side != tokens or side % per_side:
+            raise MmprojError(f"{path}: {tokens} tokens per image do not pool a {side}x{side} patch grid evenly")
+        scale = side // per_side
     if side % scale:
         raise MmprojError(f"{path}: projector scale_factor {scale} does not pool a {side}x{side} patch grid evenly")
     tokens = (side // scale) ** 2
-    proj = next((t for t in reader.tensors if t.name == "mm.input_projection.weight"), None)
+    proj = next((t for t in reader.tensors if t.name == layout.projection), None)
     if proj is None:
-        raise MmprojError(f"{path}: mmproj GGUF lacks mm.input_projection.weight")
+        raise MmprojError(f"{path}: {layout.what} lacks {layout.projection}")
     text_hidden = int(proj.shape[0])  # GGUF dims fastest-first: (text, vision)
-    pd = meta(reader, "clip.vision.projection_dim", int, None, MmprojError)
+    pd = meta(reader, layout.keys + "projection_dim", int, None, MmprojError)
     if pd is not None and pd != text_hidden:
-        raise MmprojError(f"{path}: clip.vision.projection_dim {pd} != projector width {text_hidden}")
+        raise MmprojError(f"{path}: {layout.keys}projection_dim {pd} != projector width {text_hidden}")
     return cfg.to_dict(), tokens, text_hidden
 
 
-def iter_mmproj_tensors(reader: gguf.GGUFReader, vision_config: dict | None = None) -> Iterator[tuple[str, MLXTensor]]:
-    """Yield (our_name, dense MLXTensor) for every tensor; the soft-embedding norm gets its +1 removed."""
+def iter_mmproj_tensors(reader: gguf.GGUFReader, vision_config: dict | None = None,
+                        layout: _Layout = LLAMA_CPP) -> Iterator[tuple[str, MLXTensor]]:
+    """Yield (our_name, dense MLXTensor) for every vision tensor; the soft-embedding norm gets its +1 removed."""
     cfg = VisionConfig.from_dict(vision_config) if vision_config else None
     for t in reader.tensors:
-        name = mmproj_name(t.name)
+        if layout is OLLAMA and is_text_tensor(t.name):
+            continue
+        name = layout.name(t.name)
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
         mt = ggml_to_mlx(np.asarray(t.data), t.tensor_type, shape, q6k="float32", name=t.name)
         if mt.quantized:
             mt = MLXTensor(mt.dequantize(), None, None, None, None, mt.exact, mt.source_type)
-        if t.name == _SOFT_NORM:
+        if t.name == layout.soft_norm:
             w = np.asarray(mt.weight, dtype=np.float32).reshape(-1) - np.float32(1.0)
             mt = MLXTensor(w, None, None, None, None, mt.exact, mt.source_type)
         if cfg is not None:
@@ -232,16 +302,24 @@ def read_mmproj(path: str | os.PathLike) -> tuple[dict, int, Iterator[tuple[str,
     """
     with reading(path, MmprojError):
         reader = open_mmproj(path)
-        vcfg, tokens, _ = vision_config_from_mmproj(reader)
-        names = {t.name for t in reader.tensors}
-        expected = {f"{k}.{s}" for k in _TOP for s in ("weight", "bias") if k != "v.position_embd"}
-        expected |= {"v.position_embd.weight", *_PROJ}
-        expected |= {f"v.blk.{i}.{b}.{s}" for i in range(vcfg["num_hidden_layers"]) for b in _BLOCK for s in ("weight", "bias")}
-        missing = sorted(expected - names)
-        if missing:
-            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise MmprojError(f"{path}: mmproj GGUF lacks tensors {', '.join(missing[:5])}{more}")
-        cfg = VisionConfig.from_dict(vcfg)
-        for t in reader.tensors:  # every shape, before any data is read
-            _check_shape(t.name, mmproj_name(t.name), tuple(reversed(t.shape)), cfg, None, path)
-    return vcfg, tokens, guarded(iter_mmproj_tensors(reader, vcfg), path, MmprojError)
+        return _read(reader, LLAMA_CPP)
+
+
+def read_embedded_vision(reader: gguf.GGUFReader) -> tuple[dict, int, Iterator[tuple[str, MLXTensor]]]:
+    """As :func:`read_mmproj`, for the vision tower inside an (Ollama) gemma3 GGUF already open as ``reader``."""
+    with reading(where(reader), MmprojError):
+        return _read(reader, OLLAMA)
+
+
+def _read(reader: gguf.GGUFReader, layout: _Layout):
+    path = where(reader)
+    vcfg, tokens, _ = vision_config_from_mmproj(reader, layout)
+    vision = [t for t in reader.tensors if layout is LLAMA_CPP or not is_text_tensor(t.name)]
+    missing = sorted(layout.expected(vcfg["num_hidden_layers"]) - {t.name for t in vision})
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise MmprojError(f"{path}: {layout.what} lacks tensors {', '.join(missing[:5])}{more}")
+    cfg = VisionConfig.from_dict(vcfg)
+    for t in vision:  # every shape, before any data is read
+        _check_shape(t.name, layout.name(t.name), tuple(reversed(t.shape)), cfg, None, path)
+    return vcfg, tokens, guarded(iter_mmproj_tensors(reader, vcfg, layout), path, MmprojError)

@@ -7,7 +7,11 @@ where the tool keeps one); nothing in the tool's folders is ever written.
   manifest (``registry.ollama.ai/library`` for bare names; ``hf.co/ORG/REPO:TAG`` for pulls from the hub);
   its layers are blobs ``blobs/sha256-<hex>`` by media type: ``application/vnd.ollama.image.model`` (the GGUF),
   ``...image.projector`` (llama.cpp's mmproj, when the model has a separate one), ``...image.template`` and
-  ``...image.params``.
+  ``...image.params``. Ollama's own gemma3 GGUFs hold the vision tower inside the model GGUF (read by
+  :mod:`.from_mmproj`). The template layer is a Go template, not Jinja: one in Gemma's turn format
+  (``<start_of_turn>``) gives the model Gemma 3's chat template when its GGUF has none; the params layer's
+  ``temperature``, ``top_p``, ``top_k``, ``min_p`` and ``stop`` become the model's default sampling (the
+  command line's options and a request's fields override them; other params are not used).
 * **LM Studio**: ``~/.lmstudio/models/<publisher>/<repo>/<file>.gguf`` (the legacy
   ``~/.cache/lm-studio/models`` too), the ``mmproj*.gguf`` beside it picked up.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .hub import is_mmproj, pick_projector
+from .tokenizer import GEMMA3_CHAT_TEMPLATE
 
 MODEL = "application/vnd.ollama.image.model"
 PROJECTOR = "application/vnd.ollama.image.projector"
@@ -41,6 +46,31 @@ class StoredModel:
     source: str = ""  # "ollama" or "lmstudio"
     params: dict | None = None  # Ollama's default sampling parameters, when the manifest has them
     template: str | None = None  # Ollama's (Go) chat template text, when the manifest has one
+
+    @property
+    def defaults(self) -> dict | None:
+        """What the manifest adds to the GGUF: ``chat_template`` (Jinja) and ``sampling``; None for nothing."""
+        out = {}
+        if self.template and "<start_of_turn>" in self.template:
+            out["chat_template"] = GEMMA3_CHAT_TEMPLATE
+        sampling = {k: self.params[k] for k in _SAMPLING if _SAMPLING[k](self.params.get(k))} if self.params else {}
+        if sampling:
+            out["sampling"] = sampling
+        return out or None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) < 1e6
+
+
+_SAMPLING = {  # Ollama's params that mean what ours do, each with its check
+    "temperature": lambda v: _number(v) and v >= 0,
+    "top_p": lambda v: _number(v) and 0 <= v <= 1,
+    "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1_000_000,
+    "min_p": lambda v: _number(v) and 0 <= v <= 1,
+    "stop": lambda v: isinstance(v, list) and 0 < len(v) <= 16 and all(isinstance(x, str) and 0 < len(x) <= 64
+                                                                      for x in v),
+}
 
 
 # ------------------------------------------------------------------------------------------------ Ollama
