@@ -81,32 +81,49 @@ def test_a_repo_missing_from_the_offline_cache_is_one_error(fake_hub):
                                "reached")
 
 
-class _Forbidden(Exception):
-    response = type("Response", (), {"status_code": 403})()
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_gated_repo_says_to_accept_the_licence_and_log_in(tmp_path, monkeypatch, status):
+    """The hub's answers to a gated repo without an accepted licence (401 with X-Error-Code GatedRepo, or 403),
+    through huggingface_hub's own client, are one line saying what to do."""
+    from fake_hub_server import FakeHub, serve
 
-
-@pytest.mark.parametrize("kind", ["gated", "403"])
-def test_a_gated_repo_says_to_accept_the_licence_and_log_in(fake_hub, monkeypatch, kind):
-    import huggingface_hub.constants as c
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError
-
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    if kind == "gated":
-        error = GatedRepoError.__new__(GatedRepoError)
-        Exception.__init__(error, "401 Client Error. Cannot access gated repo")
-    else:
-        error = _Forbidden("403 Client Error")
-
-    def refuse(self, repo_id, **kw):
-        raise error
-
-    monkeypatch.setattr(HfApi, "list_repo_files", refuse)
-    r = CliRunner().invoke(main, ["generate", "-m", REPO, "--prompt", "x", "-n", "1"])
+    hub = FakeHub(REPO, {}, refuse=status)
+    serve(monkeypatch, hub, tmp_path / "hub")
+    try:
+        r = CliRunner().invoke(main, ["generate", "-m", REPO, "--prompt", "x", "-n", "1"])
+    finally:
+        hub.close()
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert r.output == (f"Error: {REPO} is gated: accept its licence on https://huggingface.co/{REPO} and log in "
                         "(hf auth login, or set HF_TOKEN)\n")
+    assert hub.requests and not list((tmp_path / "hub").rglob("*.gguf"))
+
+
+def test_pull_downloads_with_progress_and_resumes_a_dropped_connection(text_gguf, tmp_path, monkeypatch):
+    """`pull` from the hub (a local stand-in speaking its HTTP API): the model GGUF's connection drops halfway,
+    huggingface_hub asks for the rest (a Range request from where it stopped) and the file arrives whole; its
+    progress bar shows; the model converted from it generates what the file itself does."""
+    from fake_hub_server import FakeHub, serve
+
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    files = {MODEL_FILE: text_gguf.read_bytes(), "mmproj-model-f16.gguf": MMPROJ.read_bytes(), "README.md": b"#\n"}
+    hub = FakeHub(REPO, files, drop=MODEL_FILE)
+    serve(monkeypatch, hub, tmp_path / "hub")
+    try:
+        r = CliRunner().invoke(main, ["pull", REPO])
+    finally:
+        hub.close()
+    assert r.exit_code == 0, r.output
+    gets = [rng for method, path, rng in hub.requests if method == "GET" and path.endswith("/" + MODEL_FILE)]
+    assert len(gets) == 2 and gets[0] is None and 0 < int(gets[1].removeprefix("bytes=").rstrip("-")) < len(
+        files[MODEL_FILE]), hub.requests
+    assert not any(path.endswith("README.md") for _, path, _ in hub.requests)  # only the GGUFs are fetched
+    assert MODEL_FILE in r.output and "100%" in r.output  # huggingface_hub's progress bar
+    snap = next((tmp_path / "hub").glob("models--*/snapshots/*"))
+    assert (snap / MODEL_FILE).read_bytes() == files[MODEL_FILE]
+    assert not list((tmp_path / "hub").rglob("*.incomplete"))
+    resolve_model(text_gguf, mmproj=MMPROJ, progress=False)
+    assert _generate("-m", REPO) == _generate("-m", str(text_gguf), "--mmproj", str(MMPROJ))  # from the cache
 
 
 def test_specs_and_picks():
