@@ -352,7 +352,7 @@ def _default_base(folder: Path, cfg: dict) -> Path:
                     return p
     raise GGUFExportError(
         f"{folder}: the base model's GGUF is needed (it supplies the tokenizer and all metadata) and the folder's "
-        f"recorded source ({src!r}) is not a GGUF file here: pass base_gguf (--base) explicitly")
+        f"recorded source ({src!r}) is not a GGUF file here: pass base_gguf (--base-gguf) explicitly")
 
 
 def _field_args(field):
