@@ -30,7 +30,7 @@ _device_from_env()
 
 
 def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, scales=None, lazy: bool = False,
-         adapter_path=None):
+         adapter_path=None, shard=None, pipeline_split=None):
     """Return ``(model, tokenizer)`` like ``mlx_lm.load``.
 
     ``path_or_repo``: an MLX folder, a GGUF file, a Hugging Face folder or repo id; None for the
@@ -43,14 +43,29 @@ def load(path_or_repo=None, *, mmproj=None, dtype=None, widen=None, scales=None,
     fewer bytes read per decoded token on a GPU). Default: float32 with bfloat16 compute when it fits the
     device's memory (see model/load.py), else stored; ``model.holding`` says which was used.
     ``adapter_path``: a LoRA adapter folder (``mlx-gemma lora``) to run with, checked against the model.
+    ``shard``: "tensor" or "pipeline": split the model over the processes ``mlx.launch`` started (model/shard.py;
+    every process calls ``load`` with the same arguments and then generates in step with the others);
+    ``pipeline_split``: layers per process (default: by each one's memory). ``model.shard`` says how it is split.
     """
     from mlx_lm.utils import load_tokenizer
 
     from .model.load import load_model, read_config
     from .models_cache import resolve_model
 
-    folder = resolve_model(path_or_repo, mmproj=mmproj)
-    model = load_model(folder, dtype=dtype, lazy=lazy, widen=widen, scales=scales)
+    if shard is not None:
+        from .world import World
+
+        world = World()
+        with world.together("finding the model"):
+            if adapter_path is not None:
+                raise ValueError("a LoRA adapter cannot be used with a split model yet: fuse it first (mlx-gemma fuse)")
+            folder = resolve_model(path_or_repo, mmproj=mmproj)
+        model = load_model(folder, dtype=dtype, lazy=lazy, widen=widen, scales=scales, shard=shard,
+                           pipeline_split=pipeline_split, world=world)
+        world.same_random_numbers()
+    else:
+        folder = resolve_model(path_or_repo, mmproj=mmproj)
+        model = load_model(folder, dtype=dtype, lazy=lazy, widen=widen, scales=scales)
     if adapter_path is not None:
         from .lora.adapters import load_adapters
 

@@ -7,6 +7,7 @@ import functools
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 
 import click
 
@@ -16,11 +17,20 @@ def _clean_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .world import PeerFailed
+
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, KeyError) as e:
+        except (ValueError, OSError, KeyError, PeerFailed) as e:
             msg = str(e) if not isinstance(e, KeyError) else f"missing {e}"
-            raise click.ClickException(msg.splitlines()[0] if msg else type(e).__name__) from None
+            msg = msg.splitlines()[0] if msg else type(e).__name__
+            world = getattr(e, "stopped_with", None)  # the ranks of a split model stopped together
+            if world is None:
+                raise click.ClickException(msg) from None
+            if not e.said_by_rank0:
+                click.echo(f"Error: {msg}" if world.rank == 0 else f"Error (rank {world.rank}): {msg}", err=True)
+            world.barrier()  # none exits (mlx.launch then stops the rest) before the others have said theirs
+            sys.exit(1)
 
     return wrapper
 
@@ -128,6 +138,70 @@ def _read_text(path, option: str) -> str:
         raise ConstraintError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _shard_options(fn):
+    fn = click.option("--pipeline-split", default="auto", show_default=True, metavar="auto|N,N,...",
+                      help="With --shard pipeline: layers per process, rank 0's first (auto: in proportion to the "
+                           "memory each machine reports).")(fn)
+    return click.option(
+        "--shard", type=click.Choice(["tensor", "pipeline"]), default=None,
+        help="Split the model over the processes mlx.launch started: tensor (query heads, MLP columns and the "
+             "vocabulary split: about 1/N of the weights each) or pipeline (a range of layers each). E.g. "
+             "mlx.launch --hosts mac1,mac2 --backend ring -- mlx-gemma generate --shard tensor ...; only rank 0 "
+             "prints and reads input.")(fn)
+
+
+@dataclass
+class _Split:
+    """The --shard options of one command: how the model loads and who talks to the user."""
+
+    shard: str | None
+    pipeline_split: list[int] | None
+    world: object = None  # world.World under --shard
+
+    @property
+    def front(self) -> bool:
+        """This process prints and reads input (rank 0; the only one without --shard)."""
+        return self.world is None or self.world.rank == 0
+
+    def echo(self, *args, **kwargs) -> None:
+        if self.front:
+            click.echo(*args, **kwargs)
+
+    def share(self, text: str | None) -> str:
+        """Rank 0's text (a prompt, a chat line) on every rank."""
+        return text if self.world is None else self.world.text(text)
+
+    def weights_line(self, active_after_load: int) -> str | None:
+        """The weight memory of every rank (MLX active memory after load), for --stats (collective)."""
+        if self.world is None or self.world.size == 1:
+            return None
+        per = self.world.values(active_after_load / 2**20)
+        return (f"Weights per rank ({self.shard} parallel over {len(per)} processes): "
+                + ", ".join(f"{v:.1f}" for v in per) + " MiB")
+
+
+def _split_options(shard, pipeline_split, *, draft_model=None, prompt_cache=None, prompt_lookup=False,
+                   adapter_path=None) -> _Split:
+    if shard is None:
+        return _Split(None, None)
+    refused = [name for name, v in (("--draft-model", draft_model), ("--prompt-cache", prompt_cache),
+                                    ("--prompt-lookup", prompt_lookup or None), ("--adapter-path", adapter_path))
+               if v is not None]
+    if refused:
+        raise click.UsageError(f"{' and '.join(refused)} cannot be used with --shard yet")
+    counts = None
+    if pipeline_split != "auto":
+        if shard != "pipeline":
+            raise click.UsageError("--pipeline-split goes with --shard pipeline")
+        try:
+            counts = [int(c) for c in pipeline_split.split(",")]
+        except ValueError:
+            raise click.UsageError(f"--pipeline-split {pipeline_split}: give auto or layer counts (6,12)") from None
+    from .world import World
+
+    return _Split(shard, counts, World())
+
+
 def _adapter_option(fn):
     return click.option("--adapter-path", type=click.Path(file_okay=False), default=None,
                         help="Run with a LoRA adapter folder made by `mlx-gemma lora` (checked against the model).")(fn)
@@ -206,23 +280,32 @@ def _sampling_options(f):
 @_widen_option
 @_scales_option
 @_adapter_option
+@_shard_options
 @_clean_errors
 def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed, chat, system, images, pan_and_scan,
              dtype, prefill_step, kv_bits, kv_group_size, prompt_cache, stats, json_schema, json_object, regex,
-             grammar_file, draft_model, num_draft_tokens, prompt_lookup, widen, scales, adapter_path):
+             grammar_file, draft_model, num_draft_tokens, prompt_lookup, widen, scales, adapter_path, shard,
+             pipeline_split):
     """Generate text, streaming tokens as they come."""
+    import mlx.core as mx
+
     from . import load
     from .generate import base_model_note, format_stats, stream_generate
     from .sampling import choose_sampling
 
+    split = _split_options(shard, pipeline_split, draft_model=draft_model, prompt_cache=prompt_cache,
+                           prompt_lookup=prompt_lookup, adapter_path=adapter_path)
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     if prompt == "-":
-        prompt = sys.stdin.read()
-    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
+        prompt = sys.stdin.read() if split.front else None
+    prompt = split.share(prompt)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path,
+                  shard=split.shard, pipeline_split=split.pipeline_split)
+    weights = split.weights_line(mx.get_active_memory()) if stats else None
     sampling = choose_sampling(m, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     for note in (base_model_note(tok) if chat else None, sampling.note):
         if note:
-            click.echo(f"Note: {note}", err=True)
+            split.echo(f"Note: {note}", err=True)
     speculation = _speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens)
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=sampling.temp, top_p=sampling.top_p,
@@ -231,11 +314,11 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
                                 pan_and_scan=pan_and_scan, prefill_step_size=prefill_step, kv_bits=kv_bits,
                                 kv_group_size=int(kv_group_size), prompt_cache=prompt_cache, constraint=constraint,
                                 num_draft_tokens=num_draft_tokens, **speculation):
-        click.echo(last.text, nl=False)
-    click.echo()
+        split.echo(last.text, nl=False)
+    split.echo()
     if stats and last is not None:
-        click.echo("=" * 10, err=True)
-        click.echo(format_stats(last), err=True)
+        split.echo("=" * 10, err=True)
+        split.echo(format_stats(last) + (f"\n{weights}" if weights else ""), err=True)
 
 
 @main.command()
@@ -256,10 +339,11 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
 @_widen_option
 @_scales_option
 @_adapter_option
+@_shard_options
 @_clean_errors
 def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, top_k, min_p, seed, dtype, kv_bits,
          kv_group_size, stats, json_schema, json_object, regex, grammar_file, draft_model, num_draft_tokens,
-         prompt_lookup, widen, scales, adapter_path):
+         prompt_lookup, widen, scales, adapter_path, shard, pipeline_split):
     """Chat in the terminal; the KV cache carries over between turns.
 
     Type a message and press Enter. Commands: /image PATH (attach to the next message), /reset, /quit.
@@ -270,12 +354,15 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
     from .generate import base_model_note, format_stats
     from .sampling import choose_sampling
 
+    split = _split_options(shard, pipeline_split, draft_model=draft_model, prompt_lookup=prompt_lookup,
+                           adapter_path=adapter_path)
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
-    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
+    m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path,
+                  shard=split.shard, pipeline_split=split.pipeline_split)
     sampling = choose_sampling(m, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     for note in (base_model_note(tok), sampling.note):
         if note:
-            click.echo(f"Note: {note}", err=True)
+            split.echo(f"Note: {note}", err=True)
     session = ChatSession(m, tok, system=system, pan_and_scan=pan_and_scan, kv_bits=kv_bits,
                           kv_group_size=int(kv_group_size), num_draft_tokens=num_draft_tokens,
                           **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
@@ -284,20 +371,21 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
         import mlx.core as mx
 
         mx.random.seed(seed)
-    click.echo("Chat with the model: /image PATH attaches an image, /reset starts over, /quit ends.", err=True)
+    split.echo("Chat with the model: /image PATH attaches an image, /reset starts over, /quit ends.", err=True)
     while True:
-        try:
-            line = click.prompt(">>", prompt_suffix=" ", default="", show_default=False, err=True)
-        except click.exceptions.Abort:  # end of input (Ctrl-D) or Ctrl-C
-            click.echo(err=True)
-            break
-        text = line.strip()
+        line = "/quit"
+        if split.front:
+            try:
+                line = click.prompt(">>", prompt_suffix=" ", default="", show_default=False, err=True)
+            except click.exceptions.Abort:  # end of input (Ctrl-D) or Ctrl-C
+                click.echo(err=True)
+        text = split.share(line).strip()  # under --shard, every rank takes rank 0's line
         if text in ("/quit", "/exit", "/q"):
             break
         if text == "/reset":
             session.reset()
             pending = []
-            click.echo("(conversation cleared)", err=True)
+            split.echo("(conversation cleared)", err=True)
             continue
         if text.startswith("/image "):
             pending.append(text[len("/image "):].strip())
@@ -309,14 +397,14 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
             for last in session.send(text, pending, max_tokens, temp=sampling.temp, top_p=sampling.top_p,
                                      top_k=sampling.top_k, min_p=sampling.min_p,
                                      stop_strings=list(sampling.stop) or None, constraint=constraint):
-                click.echo(last.text, nl=False)
-            click.echo()
+                split.echo(last.text, nl=False)
+            split.echo()
             pending = []
             if stats and last is not None:
-                click.echo(format_stats(last) + f"\n(prompt tokens reused from the cache: {session.reused_tokens})",
+                split.echo(format_stats(last) + f"\n(prompt tokens reused from the cache: {session.reused_tokens})",
                            err=True)
         except ValueError as e:  # a bad image, a full context: the session goes on without that message
-            click.echo(f"Error: {e}", err=True)
+            split.echo(f"Error: {e}", err=True)
             pending = []
 
 
@@ -795,12 +883,16 @@ def _names(ctx, param, value) -> tuple[str, ...]:
               help="Web origins (e.g. http://localhost:3000) allowed to call the server from a browser; none by "
                    "default, '*': any.")
 @_speculative_options
+@_shard_options
 @_clean_errors
 def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits, kv_group_size, prompt_cache_size,
           prompt_cache_bytes, no_cross_client_reuse, reuse_slack, parallel, max_queue, max_body, max_images,
           decode_batch, prefill_step, temp, top_p, top_k, min_p, max_tokens, dtype, widen, scales, allow_image_urls,
-          allow_private_urls, allowed_hosts, cors_origin, draft_model, num_draft_tokens, prompt_lookup):
-    """Serve the model over HTTP with OpenAI's API (/v1) and Ollama's (/api), many clients at once."""
+          allow_private_urls, allowed_hosts, cors_origin, draft_model, num_draft_tokens, prompt_lookup, shard,
+          pipeline_split):
+    """Serve the model over HTTP with OpenAI's API (/v1) and Ollama's (/api), many clients at once.
+
+    With --shard (under mlx.launch), rank 0 serves and the other ranks run its requests' forwards in step."""
     from . import load
     from .models_cache import resolve_model
     from .server.app import ServerOptions, create_app, default_model_id, describe_model, run
@@ -822,25 +914,48 @@ def serve(model, mmproj, adapter_path, host, port, api_key, model_name, kv_bits,
 
     SamplingParams(max_tokens=max_tokens, temperature=temp or 0.0, top_p=1.0 if top_p is None else top_p,
                    top_k=top_k or 0, min_p=min_p or 0.0).check()  # the options, before the model loads
-    folder = resolve_model(model, mmproj=mmproj)
-    m, tok = load(folder, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
+    split = _split_options(shard, pipeline_split, draft_model=draft_model, prompt_lookup=prompt_lookup,
+                           adapter_path=adapter_path)
+    if split.world is None:
+        folder = resolve_model(model, mmproj=mmproj)
+        m, tok = load(folder, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path)
+    else:  # every rank finds and loads its part; the engines must run alike: rank 0's batching everywhere
+        m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, shard=split.shard,
+                      pipeline_split=split.pipeline_split)
+        folder = m.path
+        if decode_batch is None:
+            import mlx.core as mx
+
+            decode_batch = 1 if mx.default_device() == mx.cpu else 8
+        decode_batch = int(split.share(str(decode_batch)))
     chosen = choose_sampling(m, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, off=Sampling(top_p=1.0))
     defaults = SamplingParams(max_tokens=max_tokens, temperature=chosen.temp, top_p=chosen.top_p, top_k=chosen.top_k,
                               min_p=chosen.min_p, stop=chosen.stop)
     defaults.check()
     if chosen.note:
-        click.echo(f"Note: {chosen.note}", err=True)
-    engine = Engine(m, tok, kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
-                    cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
-                    prefill_step=prefill_step, parallel=parallel, max_queue=max_queue,
-                    num_draft_tokens=num_draft_tokens,
-                    **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
+        split.echo(f"Note: {chosen.note}", err=True)
+    engine_options = dict(kv_bits=kv_bits, kv_group_size=int(kv_group_size), cache_entries=prompt_cache_size,
+                          cache_bytes=prompt_cache_bytes, slack=reuse_slack, decode_batch=decode_batch,
+                          prefill_step=prefill_step, parallel=parallel, max_queue=max_queue,
+                          num_draft_tokens=num_draft_tokens)
+    if split.world is None:
+        engine = Engine(m, tok, **engine_options,
+                        **_speculation(draft_model, prompt_lookup, tok, dtype, widen, num_draft_tokens))
+    else:
+        from .server.split import FollowerEngine, FrontEngine
+
+        if not split.front:
+            FollowerEngine(m, tok, split.world, **engine_options).follow()  # until rank 0 stops
+            return
+        engine = FrontEngine(m, tok, split.world, **engine_options)
     card = describe_model(m, tok, folder, model_name or default_model_id(model))
     app = create_app(engine, card, defaults=defaults, options=options)
     where = f"[{host}]" if ":" in host else host
     spec = (f", speculative decoding with {'prompt lookup' if prompt_lookup else draft_model} "
             f"({engine.num_draft} draft tokens)" if engine.speculative else "")
-    click.echo(f"serving {card.id} on http://{where}:{port} (OpenAI API: /v1, Ollama API: /api){spec}", err=True)
+    over = f", split over {split.world.size} processes ({split.shard} parallel)" if split.world is not None else ""
+    click.echo(f"serving {card.id} on http://{where}:{port} (OpenAI API: /v1, Ollama API: /api){spec}{over}",
+               err=True)
     run(app, host, port)
 
 

@@ -237,6 +237,7 @@ class Matcher:
         import llguidance
 
         llt = ll_tokenizer(tokenizer)
+        self.constraint = constraint
         self._m = llguidance.LLMatcher(llt, constraint.grammar, log_level=0, limits=_limits())
         if self._m.is_error():
             raise ConstraintError(f"invalid {constraint.kind.replace('_', ' ')}: {_first_lines(self._m.get_error())}")

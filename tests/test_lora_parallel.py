@@ -3,14 +3,12 @@ one process training on the combined batch (within float tolerance: only the sum
 or a Ctrl-C on one rank stops every rank at the same point, nothing waits forever."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from launcher import mlx_launch
 
 from mlx_gemma_qat.lora import finetune
 from mlx_gemma_qat.lora.trainer import latest_checkpoint
@@ -87,43 +85,10 @@ def test_gradient_accumulation_equals_the_combined_batch(setup, tmp_path):
     assert runs["one"].train_loss == pytest.approx(runs["acc"].train_loss, rel=1e-5)
 
 
-def _ring_port() -> int:
-    """A free port whose successor is free too: the ring backend's two local ranks listen on both. mlx.launch's
-    fixed default (32323) would collide when two launches run at once in the suite's parallel workers."""
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two adjacent free ports")
-
-
 def _mlx_launch(tmp_path, script: str, *args, timeout: int):
-    """mlx.launch -n 2 (ring backend) of ``script``: (exit code, stdout + stderr). A hang fails the test (the
-    launcher and both ranks are killed)."""
-    import signal as sig
-
-    worker = tmp_path / "worker.py"
-    worker.write_text(script)
-    launch = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(_ring_port()), "--python",
-           sys.executable, str(worker), *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, sig.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the ranks hung (killed after {timeout} s):\n{out}\n{err}")
-    return proc.returncode, out + err
+    """mlx.launch -n 2 (ring backend) of ``script``: (exit code, stdout + stderr)."""
+    rc, out, err = mlx_launch(tmp_path, script, *args, timeout=timeout)
+    return rc, out + err
 
 
 def _launch(tmp_path, folder, data, out, stop=0, resume=False):

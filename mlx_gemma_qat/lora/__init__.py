@@ -10,7 +10,7 @@ from __future__ import annotations
 from .adapters import AdapterConfig, AdapterError, apply_adapters, load_adapters, save_adapters
 from .layers import KINDS
 from .trainer import NonFiniteError, TrainConfig, TrainingError, TrainResult, evaluate, train
-from .world import PeerFailed
+from ..world import PeerFailed
 
 
 def _config(cls, value):
@@ -53,7 +53,7 @@ def finetune(model=None, data=None, adapter_path="adapters", *, adapter=None, tr
     from .. import load
     from ..generate import image_token_ids
     from .images import ImageCache
-    from .world import World
+    from ..world import World
 
     a_cfg, t_cfg = _config(AdapterConfig, adapter), _config(TrainConfig, train_config)
     world = World()

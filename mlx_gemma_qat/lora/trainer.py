@@ -38,7 +38,7 @@ from ..generate import image_token_ids
 from .adapters import (AdapterConfig, AdapterError, adapter_layers, adapter_weights, apply_adapters, check_identity, save_adapters,
                        save_json, save_safetensors, set_adapter_weights, text_model)
 from .settings import from_dict
-from .world import World
+from ..world import World
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss-curve.png"
 CHECKPOINTS, LATEST = "checkpoints", "latest"

@@ -279,15 +279,16 @@ class RotatingKVCache(_Cache):
         return keys, values
 
 
-def make_cache(config, kv_bits: int | None = None, kv_group_size: int = 64, slack: int = 0) -> list:
-    """One cache per layer: rotating (window) on sliding layers, growing on global ones; ``kv_bits`` quantizes
-    both kinds (groups of ``kv_group_size`` along head_dim); ``slack``: tokens a sliding layer keeps beyond
-    its window so the cache can be trimmed back that far."""
+def make_cache(config, kv_bits: int | None = None, kv_group_size: int = 64, slack: int = 0,
+               layers: list[int] | None = None) -> list:
+    """One cache per layer (``layers``: of those only, a pipeline stage's): rotating (window) on sliding layers,
+    growing on global ones; ``kv_bits`` quantizes both kinds (groups of ``kv_group_size`` along head_dim);
+    ``slack``: tokens a sliding layer keeps beyond its window so the cache can be trimmed back that far."""
     check_kv_quantization(kv_bits, kv_group_size, config.head_dim)
     return [
         RotatingKVCache(config.sliding_window, kv_bits, kv_group_size, slack) if config.is_sliding(i)
         else KVCache(kv_bits, kv_group_size)
-        for i in range(config.num_hidden_layers)
+        for i in (range(config.num_hidden_layers) if layers is None else layers)
     ]
 
 

@@ -26,11 +26,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
+from ..world import World
 from .bandwidth import held_bytes, model_weights
 from .config import TextConfig
 from .multimodal import Model as MultimodalModel
 from .multimodal import MultimodalConfig, is_multimodal
 from .quantized import Embedding, Linear, QuantizedEmbedding, QuantizedLinear, quantized_like
+from .shard import MODES, ShardError, ShardInfo, check_split, memory_counts, shard_pipeline, shard_tensor
 from .text import Model
 
 
@@ -189,13 +191,55 @@ def resolve_scales(scales: str | None, dtype: mx.Dtype, wide: bool, weights_byte
     return "float32" if float32_scales_fit(weights_bytes, kv_bytes, memory_budget()) else "stored"
 
 
+def _split(text: nn.Module, mode: str, group, counts: list[int] | None) -> ShardInfo:
+    """Cut this rank's part out of the lazily loaded text model (collective)."""
+    if mode == "tensor":
+        shard_tensor(text, group)
+        return ShardInfo(mode, group.rank(), group.size(), None)
+    if counts is None:
+        budget = memory_budget() or 0
+        budgets = mx.distributed.all_gather(mx.array([budget / 2**20], mx.float32), group=group).tolist()
+        layer = sum(a.nbytes for _, a in tree_flatten(text.model.layers[0].parameters()))  # lazy: sizes only
+        first = sum(a.nbytes for _, a in tree_flatten(text.model.embed_tokens.parameters()))
+        counts = memory_counts(text.cfg.num_hidden_layers, layer, first, budgets)
+    shard_pipeline(text, group, counts)
+    return ShardInfo(mode, group.rank(), group.size(), tuple(counts))
+
+
 def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False,
-               widen: bool | None = None, scales: str | None = None):
+               widen: bool | None = None, scales: str | None = None, shard: str | None = None,
+               pipeline_split: list[int] | None = None, world=None):
     """Build the model of an MLX folder. ``dtype``: compute dtype (default by device). Text weights stay in
     the dtype the folder stores them in (quantized scales too); ``widen`` (default: when computing in
     float32, i.e. on the CPU) keeps float32 copies of float16/bfloat16 tensors instead, for speed (exact).
     ``scales``: "stored" or "float32" (quantized scales held widened once, see above); the default picks by
-    compute dtype and device memory (``resolve_scales``); the choice is ``model.holding``."""
+    compute dtype and device memory (``resolve_scales``); the choice is ``model.holding``.
+
+    ``shard`` ("tensor" or "pipeline", over ``world``, a ``world.World``, default the launched group): keep only
+    this rank's part (model/shard.py), read from the files and nothing else; ``pipeline_split``: layers per rank
+    (default: in proportion to each rank's memory). A split the model cannot take is refused before any weight is
+    read. Collective under ``shard``: every rank must call it; a rank that fails makes every rank raise
+    (``world.PeerFailed`` on the others), none waits."""
+    if shard is not None:
+        if shard not in MODES:
+            raise ShardError(f"unknown shard mode {shard!r} ({', '.join(MODES)})")
+        world = world if world is not None else World()
+        if world.size > 1:
+            with world.together("reading the model"):
+                model = _load(path, dtype, True, widen, scales, shard, pipeline_split, world.size)
+            model.shard = _split(getattr(model, "language_model", model), shard, world.group, pipeline_split)
+            if hasattr(model, "keep_vision_on_rank0"):
+                model.keep_vision_on_rank0(shard, world.group)
+            with world.together("reading its part of the weights"):
+                for layer in getattr(model, "language_model", model).model.layers:
+                    mx.eval(layer.parameters())  # layer by layer: never more than one whole tensor extra
+                if not lazy:
+                    mx.eval(model.parameters())
+            return model
+    return _load(path, dtype, lazy, widen, scales)
+
+
+def _load(path, dtype, lazy, widen, scales, shard=None, pipeline_split=None, size=1):
     path = Path(path)
     config = read_config(path)
     dtype = parse_dtype(dtype)
@@ -206,6 +250,9 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
         text = model.language_model
     else:
         model = text = Model(TextConfig.from_dict(config))
+    if shard is not None:
+        check_split(text.cfg, shard, size, config.get("quantization"),
+                    "language_model." if text is not model else "", pipeline_split)
     weights = load_weights(path)
     if text.cfg.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
@@ -235,11 +282,12 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
                                   text.cfg.kv_cache_bytes(text.cfg.max_position_embeddings, dtype.size))
     _hold_scales_widened(text, dtype, every_layer=model.holding == "float32")
     text.model.compute_dtype = dtype
+    model.shard = None
     model.path = path
     model.identity = model_identity(path)
     if text is not model:
         model.vision_dtype = dtype  # the compute dtype (float16, refused above, would overflow SigLIP too)
     model.eval()
-    if not lazy:
+    if not lazy and shard is None:
         mx.eval(model.parameters())
     return model

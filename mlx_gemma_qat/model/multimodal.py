@@ -80,6 +80,14 @@ class Model(nn.Module):
             mcfg.vision, mcfg.text.hidden_size, mcfg.mm_tokens_per_image, mcfg.vision.layer_norm_eps
         )  # the soft-embedding norm uses the vision config's eps, as transformers does
         self.vision_dtype = mx.float32
+        self.split = None  # a split model (model/shard.py): (mode, group); the vision tower is then rank 0's only
+
+    def keep_vision_on_rank0(self, mode: str, group) -> None:
+        """Split over ``group``: the vision tower stays on rank 0 (the others drop it unread), which sends its
+        features to the others under tensor parallelism (pipeline ranks after the first need none)."""
+        self.split = (mode, group)
+        if group.rank() != 0:
+            self.vision_tower, self.multi_modal_projector = nn.Module(), nn.Module()
 
     # the text model's interface, so generation and perplexity work unchanged
     @property
@@ -101,9 +109,14 @@ class Model(nn.Module):
 
     def encode_images(self, pixel_values: mx.array) -> mx.array:
         """(n, 3, H, W) pixels -> (n, mm_tokens_per_image, text hidden) soft tokens in the compute dtype."""
+        dtype = self.language_model.model.compute_dtype
+        group = self.split[1] if self.split is not None and self.split[0] == "tensor" else None
+        if group is not None and group.rank() != 0:  # rank 0's features, received by adding zeros to them (exact)
+            shape = (pixel_values.shape[0], self.mcfg.mm_tokens_per_image, self.cfg.hidden_size)
+            return mx.distributed.all_sum(mx.zeros(shape, dtype), group=group)
         feats = self.vision_tower(pixel_values.astype(self.vision_dtype))
-        out = self.multi_modal_projector(feats)
-        return out.astype(self.language_model.model.compute_dtype)
+        out = self.multi_modal_projector(feats).astype(dtype)
+        return out if group is None else mx.distributed.all_sum(out, group=group)
 
     def embed_prompt(self, ids, pixel_values: mx.array | None = None):
         """Embeddings for a prompt with image tokens, and their image groups (None for text only)."""
@@ -111,7 +124,10 @@ class Model(nn.Module):
         groups = image_groups(ids_np, self.mcfg.image_token_index)
         # image-token rows are overwritten below; look up id 0 there, since the image token can lie
         # one past the embedding table (llama.cpp text GGUFs keep only the SentencePiece pieces)
-        h = self.language_model.model.embed(mx.array(np.where(groups >= 0, 0, ids_np))[None])
+        if self.split is not None and self.split[0] == "pipeline" and self.split[1].rank() != 0:
+            h = mx.zeros((1, ids_np.size, self.cfg.hidden_size), self.language_model.model.compute_dtype)
+        else:
+            h = self.language_model.model.embed(mx.array(np.where(groups >= 0, 0, ids_np))[None])
         n_tokens = int((groups >= 0).sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if n_tokens != n_images * self.mcfg.mm_tokens_per_image:
@@ -121,6 +137,8 @@ class Model(nn.Module):
             )
         if n_images == 0:
             return h, None
+        if self.split is not None and self.split[0] == "pipeline" and self.split[1].rank() != 0:
+            return h, mx.array(groups)  # only rank 0's stage reads embeddings: the others need their shape only
         feats = self.encode_images(pixel_values).reshape(-1, h.shape[-1])
         positions = mx.array(np.nonzero(groups >= 0)[0])
         h[0, positions] = feats

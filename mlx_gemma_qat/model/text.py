@@ -45,6 +45,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.sum_over = None  # tensor parallel (model/shard.py): this rank's heads only, outputs summed over the group
         if cfg.is_sliding(layer):
             self.rope_base, self.rope_scale = cfg.rope_local_base_freq, 1.0
         else:
@@ -67,7 +68,7 @@ class Attention(nn.Module):
                                   for b, (m, c) in enumerate(zip(mask, cache))])
         else:
             out = self._attend(q, k, v, mask, cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return _summed(self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), self.sum_over)
 
     def _attend(self, q, k, v, mask, cache):
         offset = cache.offset if cache is not None else 0
@@ -86,9 +87,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.sum_over = None  # tensor parallel: this rank's columns only, outputs summed over the group
 
     def __call__(self, x):
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return _summed(self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x)), self.sum_over)
+
+
+def _summed(y: mx.array, group) -> mx.array:
+    """A sublayer's output: this process's own, or the sum of every rank's partial one (tensor parallel)."""
+    return y if group is None else mx.distributed.all_sum(y, group=group)
 
 
 class TransformerBlock(nn.Module):
@@ -135,6 +142,8 @@ class Gemma3Model(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [TransformerBlock(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.layer_ids = list(range(cfg.num_hidden_layers))  # of ``layers``; a pipeline stage holds a range
+        self.stage = None  # pipeline parallel (model/shard.py): where activations come from and go to
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.compute_dtype = mx.float32  # set by the loader from the device
 
@@ -144,13 +153,14 @@ class Gemma3Model(nn.Module):
         return h * mx.array(math.sqrt(self.cfg.hidden_size), dtype=h.dtype)
 
     def _masks(self, L: int, cache: list | None, groups: mx.array | None) -> dict[bool, mx.array | None]:
-        """One mask per layer kind (keyed by is_sliding), from the positions its caches report."""
+        """One mask per layer kind (keyed by is_sliding), from the positions its caches report (``cache``: one
+        per layer held here)."""
         cfg = self.cfg
         offset = cache[0].offset if cache is not None else 0
         q_pos = mx.arange(offset, offset + L)
         masks = {}
         for sliding in (True, False):
-            idx = next((i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding), None)
+            idx = next((j for j, i in enumerate(self.layer_ids) if cfg.is_sliding(i) == sliding), None)
             if idx is not None:
                 k_pos = (mx.arange(L) if L > 1 else None) if cache is None else cache[idx].key_positions(L)
                 masks[sliding] = attention_mask(q_pos, k_pos, cfg.sliding_window if sliding else None, groups)
@@ -167,19 +177,25 @@ class Gemma3Model(nn.Module):
 
         ``cache``: the sequence's caches (one per layer), or for batched decode a list of B such lists, one
         per row of a (B, 1) ``inputs``: each row continues its own sequence (own length, own cache)."""
-        h = input_embeddings.astype(self.compute_dtype) if input_embeddings is not None else self.embed(inputs)
+        if self.stage is not None and not self.stage.first:
+            given = input_embeddings if input_embeddings is not None else inputs
+            h = self.stage.receive((*given.shape[:2], self.cfg.hidden_size), self.compute_dtype)
+        elif input_embeddings is not None:
+            h = input_embeddings.astype(self.compute_dtype)
+        else:
+            h = self.embed(inputs)
+        kinds = [self.cfg.is_sliding(i) for i in self.layer_ids]
         if cache is not None and isinstance(cache[0], list):
             if h.shape[1] != 1 or h.shape[0] != len(cache):
                 raise ValueError("batched decode takes one new token per sequence")
             rows = [self._masks(1, c, None) for c in cache]  # each row's masks, once for all layers
-            for i, layer in enumerate(self.layers):
-                kind = self.cfg.is_sliding(i)
-                h = layer(h, [m[kind] for m in rows], [c[i] for c in cache])
-            return self.norm(h)
-        masks = self._masks(h.shape[1], cache, image_groups)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, masks[self.cfg.is_sliding(i)], cache[i] if cache is not None else None)
-        return self.norm(h)
+            for j, layer in enumerate(self.layers):
+                h = layer(h, [m[kinds[j]] for m in rows], [c[j] for c in cache])
+        else:
+            masks = self._masks(h.shape[1], cache, image_groups)
+            for j, layer in enumerate(self.layers):
+                h = layer(h, masks[kinds[j]], cache[j] if cache is not None else None)
+        return self.norm(h) if self.stage is None else self.stage.finish(h, self.norm)
 
 
 class Model(nn.Module):
@@ -211,4 +227,4 @@ class Model(nn.Module):
         """Fresh KV caches, one per layer; ``kv_bits`` (2-6 or 8) stores keys and values quantized in groups
         of ``kv_group_size`` along head_dim, on sliding and global layers alike; ``slack`` extra tokens on
         sliding layers make the cache trimmable that far back (see ``cache.RotatingKVCache``)."""
-        return make_cache(self.cfg, kv_bits, kv_group_size, slack)
+        return make_cache(self.cfg, kv_bits, kv_group_size, slack, layers=self.model.layer_ids)

@@ -176,6 +176,16 @@ class _Request:
     prefilled: float | None = None
 
 
+@dataclass
+class _Round:
+    """What changed before a round: queued requests whose clients went away, requests admitted now, running
+    requests whose clients went away."""
+
+    gone: list[_Request]
+    new: list[_Request]
+    cancelled: list[_Request]
+
+
 class Engine:
     """Runs generation requests for a model on a worker thread (see the module docstring).
 
@@ -352,37 +362,49 @@ class Engine:
     # -- worker side -------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            with self._cv:
-                while self._running and not self._inbox and not self._active:
-                    self._cv.wait()
-                if not self._running:
-                    for r in list(self._inbox) + self._active:
-                        r.handle._put(RuntimeError("the server is shutting down"))
-                    return
-                gone = [r for r in self._inbox if r.handle.cancelled]
-                for r in gone:
-                    self._inbox.remove(r)
-                new = [self._inbox.popleft() for _ in range(min(len(self._inbox), self.parallel - len(self._active)))]
+        while (changes := self._next_round()) is not None:
+            self._round(changes)
+
+    def _next_round(self) -> _Round | None:
+        """Wait for work; what changed since the last round (None: the engine stops)."""
+        with self._cv:
+            while self._running and not self._inbox and not self._active:
+                self._cv.wait()
+            if not self._running:
+                for r in list(self._inbox) + self._active:
+                    r.handle._put(RuntimeError("the server is shutting down"))
+                return None
+            gone = [r for r in self._inbox if r.handle.cancelled]
             for r in gone:
-                r.handle._put(Event("", None, finish_reason="cancelled"))
-            for r in new:
-                self._guard(r, self._admit)
-            for r in [r for r in self._active if r.handle.cancelled]:
+                self._inbox.remove(r)
+            new = [self._inbox.popleft() for _ in range(min(len(self._inbox), self.parallel - len(self._active)))]
+            return _Round(gone, new, [r for r in self._active if r.handle.cancelled])
+
+    def _round(self, changes: _Round) -> None:
+        """One round (see the module docstring): only ``changes`` and the model's outputs decide what it does."""
+        for r in changes.gone:
+            r.handle._put(Event("", None, finish_reason="cancelled"))
+        for r in changes.new:
+            self._guard(r, self._admit)
+        for r in changes.cancelled:
+            if r in self._active:
                 self._active.remove(r)  # its cache goes with it
                 r.cache = None
                 r.handle._put(Event("", None, finish_reason="cancelled"))
-            prefilling = [r for r in self._active if r.chunks]
-            if prefilling:
-                r = prefilling[next(self._turn) % len(prefilling)]
-                self._guard(r, self._prefill_chunk)
-            decoding = [r for r in self._active if r.y is not None]
-            plain = [r for r in decoding if r.drafter is None]
-            for i in range(0, len(plain), self.decode_batch):
-                self._guard_all(plain[i : i + self.decode_batch], self._decode)
-            for r in decoding:
-                if r.drafter is not None:
-                    self._guard(r, self._speculate)
+        self._work_on_active()
+
+    def _work_on_active(self) -> None:
+        prefilling = [r for r in self._active if r.chunks]
+        if prefilling:
+            r = prefilling[next(self._turn) % len(prefilling)]
+            self._guard(r, self._prefill_chunk)
+        decoding = [r for r in self._active if r.y is not None]
+        plain = [r for r in decoding if r.drafter is None]
+        for i in range(0, len(plain), self.decode_batch):
+            self._guard_all(plain[i : i + self.decode_batch], self._decode)
+        for r in decoding:
+            if r.drafter is not None:
+                self._guard(r, self._speculate)
 
     def _guard(self, r: _Request, fn) -> None:
         self._guard_all([r], lambda rs: fn(rs[0]))
@@ -403,9 +425,6 @@ class Engine:
             self._active.remove(r)
 
     def _admit(self, r: _Request) -> None:
-        if r.handle.cancelled:
-            r.handle._put(Event("", None, finish_reason="cancelled"))
-            return
         r.started = time.perf_counter()
         r.sampler = request_sampler(r.params)
         r.detok = self.tokenizer.detokenizer

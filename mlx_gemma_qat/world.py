@@ -1,5 +1,5 @@
-"""The data-parallel group of a LoRA run (mx.distributed; one process when mlx.launch did not start this one):
-sums, rank 0's values everywhere, and agreement on failures.
+"""The processes mlx.launch started (mx.distributed; one process when it did not start this one), as a LoRA run's
+data-parallel group or a split model's ranks: sums, rank 0's values everywhere, and agreement on failures.
 
 Agreement: a collective (all_sum) waits until every rank has joined it, so a rank that fails alone (rank 0
 finds checkpoints it must not overwrite, a machine cannot read its data) would leave the others waiting in the
@@ -21,11 +21,11 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 
 class PeerFailed(RuntimeError):
-    """Another data-parallel rank failed (its own error is in its output); this one stops too."""
+    """Another rank failed (its own error is in its output); this one stops too."""
 
 
 class World:
-    """The data-parallel group: ``size`` processes, this one ``rank``."""
+    """The launched group: ``size`` processes, this one ``rank``."""
 
     def __init__(self):
         self.group = mx.distributed.init() if mx.distributed.is_available() else None
@@ -47,6 +47,30 @@ class World:
         flat = [(k, v if self.rank == 0 else mx.zeros_like(v)) for k, v in flat]
         return tree_unflatten([(k, mx.distributed.all_sum(v, group=self.group)) for k, v in flat])
 
+    def text(self, value: str | None) -> str:
+        """Rank 0's string on every rank (the others pass anything: None)."""
+        if self.size == 1:
+            return value or ""
+        data = np.frombuffer((value or "").encode(), np.uint8) if self.rank == 0 else np.zeros(0, np.uint8)
+        n = int(self.broadcast({"n": mx.array(len(data))})["n"].item())
+        if self.rank != 0:
+            data = np.zeros(n, np.uint8)
+        got = self.broadcast({"b": mx.array(data.astype(np.int32))})["b"] if n else mx.zeros(0, mx.int32)
+        return bytes(np.array(got).astype(np.uint8)).decode()
+
+    def values(self, value: float) -> list[float]:
+        """Every rank's ``value``, in rank order."""
+        if self.size == 1:
+            return [value]
+        return mx.distributed.all_gather(mx.array([value], mx.float32), group=self.group).tolist()
+
+    def same_random_numbers(self) -> None:
+        """Seed MLX's generator on every rank with rank 0's random seed: ranks that sample the same logits in the
+        same order then draw the same tokens."""
+        if self.size > 1:
+            seed = int(np.random.SeedSequence().entropy % 2**31) if self.rank == 0 else 0
+            mx.random.seed(int(self.broadcast({"s": mx.array(seed)})["s"].item()))
+
     def flags(self, error: BaseException | None) -> mx.array:
         """This rank's failure flag (1 at its own index), to be summed with the others' (see ``check``)."""
         f = np.zeros(self.size, np.float32)
@@ -57,11 +81,16 @@ class World:
         """After a sum of ``flags``: raise ``error`` on a rank that failed, PeerFailed on the others if any did."""
         failed = [r for r, f in enumerate(np.array(summed_flags).tolist()) if f > 0]
         self.stopped_together = self.stopped_together or bool(failed)
-        if error is not None:
-            raise error
-        if failed:
+        if not failed:
+            return
+        if error is None:
             who = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
-            raise PeerFailed(f"{who} failed while {what} (see its error); rank {self.rank} stops too")
+            error = PeerFailed(f"{who} failed while {what} (see its error); rank {self.rank} stops too")
+        # for whoever reports it: every rank stops here (a barrier is safe), and when all failed, most likely
+        # alike, rank 0's message is enough
+        error.stopped_with = self
+        error.said_by_rank0 = len(failed) == self.size and self.rank != 0
+        raise error
 
     def agree(self, error: BaseException | None, what: str) -> None:
         """Every rank learns whether any failed at this point (one all_sum of the flags); then see ``check``."""
