@@ -199,7 +199,9 @@ def _split_options(shard, pipeline_split, *, draft_model=None, prompt_cache=None
             raise click.UsageError(f"--pipeline-split {pipeline_split}: give auto or layer counts (6,12)") from None
     from .world import World
 
-    return _Split(shard, counts, World())
+    world = World()
+    world.say_when_stopped()
+    return _Split(shard, counts, world)
 
 
 def _adapter_option(fn):

@@ -13,6 +13,9 @@ mlx.launch stops the others, and the ring backend raises "connection to a peer w
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
 from typing import Iterator
 
 import mlx.core as mx
@@ -70,6 +73,21 @@ class World:
         if self.size > 1:
             seed = int(np.random.SeedSequence().entropy % 2**31) if self.rank == 0 else 0
             mx.random.seed(int(self.broadcast({"s": mx.array(seed)})["s"].item()))
+
+    def say_when_stopped(self) -> None:
+        """mlx.launch ends every rank once one has ended (an error, a kill, out of memory): rank 0 then says so on
+        its way out instead of vanishing (the failed rank's own error and the launcher's warnings say which)."""
+        if self.size == 1:
+            return
+
+        def ended(signum, frame):
+            if self.rank == 0:
+                sys.stderr.write("Error: another rank ended, so mlx.launch stopped this one (see that rank's error "
+                                 "and the launcher's warnings)\n")
+                sys.stderr.flush()
+            os._exit(1)
+
+        signal.signal(signal.SIGTERM, ended)
 
     def flags(self, error: BaseException | None) -> mx.array:
         """This rank's failure flag (1 at its own index), to be summed with the others' (see ``check``)."""

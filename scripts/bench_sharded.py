@@ -23,30 +23,14 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-
-
-def free_ports(n: int) -> int:
-    for _ in range(100):
-        socks = [socket.socket() for _ in range(n)]
-        try:
-            socks[0].bind(("127.0.0.1", 0))
-            port = socks[0].getsockname()[1]
-            for i, s in enumerate(socks[1:], 1):
-                s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from launcher import ring_port  # noqa: E402  (the tests' helper: consecutive free ports for the ring's ranks)
 
 
 def generate(args, mode: str | None) -> dict:
@@ -56,7 +40,7 @@ def generate(args, mode: str | None) -> dict:
     if args.model:
         cmd += ["-m", args.model]
     if mode:
-        cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)), "--",
+        cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port", str(ring_port(2)), "--",
                *cmd, "--shard", mode]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -72,7 +56,7 @@ def generate(args, mode: str | None) -> dict:
 
 def one_process_weights(model) -> float:
     """MiB of the whole model held in one process (MLX active memory after load)."""
-    code = ("import mlx.core as mx, sys; from mlx_gemma_qat import load; load(sys.argv[1] if len(sys.argv) > 1 "
+    code = ("import mlx.core as mx, sys; from mlx_gemma_qat import load; m = load(sys.argv[1] if len(sys.argv) > 1 "
             "else None); print(mx.get_active_memory() / 2**20)")
     p = subprocess.run([sys.executable, "-c", code, *([model] if model else [])], capture_output=True, text=True,
                        check=True)

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 
 def ring_port(n: int = 2) -> int:
     """A free port followed by ``n - 1`` free ones: the ring backend's local ranks listen on consecutive ports.
@@ -46,6 +44,8 @@ def mlx_launch(tmp_path: Path, script: str, *args, timeout: int, n: int = 2, com
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        import pytest
+
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"the ranks hung (killed after {timeout} s):\n{out}\n{err}")

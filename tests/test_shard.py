@@ -251,8 +251,8 @@ def test_two_ranks_generate_one_process_tokens(tiny_q, vlm_folder, tmp_path, mod
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-def test_four_ranks_generate_one_process_tokens(wide, tmp_path, mode):
-    cases = ["window", "kv8"]
+def test_four_ranks_generate_one_process_tokens(wide, vlm_folder, tmp_path, mode):
+    cases = ["window", "kv8", "chat:2"]
     ref = _one_process(tmp_path, wide, cases)
     got = _launch(tmp_path, wide, mode, cases, 4)
     for r in got:
@@ -261,6 +261,10 @@ def test_four_ranks_generate_one_process_tokens(wide, tmp_path, mode):
             assert r[case] == ref[case], (mode, r["rank"], case)
     if mode == "tensor":  # each rank one query head and its KV head, a quarter of the MLP and vocabulary
         assert max(r["weights"] for r in got) < 0.5 * ref["weights"]
+    else:  # the vision checkpoint (2 query heads: no 4-way tensor split) in 4 stages: the image on rank 0
+        ref_img = _one_process(tmp_path, vlm_folder, ["image"])
+        for r in _launch(tmp_path, vlm_folder, mode, ["image"], 4):
+            assert r["image"] == ref_img["image"], r["rank"]
 
 
 def _cli(tmp_path, n, *args):
@@ -269,14 +273,21 @@ def _cli(tmp_path, n, *args):
     return rc, out, err
 
 
-def test_the_cli_prints_once_from_rank_0(tiny_q, tmp_path):
+def test_the_cli_prints_once_from_rank_0(tmp_path, monkeypatch):
+    """From a GGUF (Google's QAT layout: Q4_0 linears, F16 embedding) that both ranks on this host convert into
+    an empty cache at once (one converts, the other waits for it)."""
     from click.testing import CliRunner
+    from gguf_factory import write_tiny_gguf
 
     from mlx_gemma_qat.cli import main
 
-    args = ["generate", "-m", tiny_q, "--prompt", "one two three", "-n", "10", "--stats"]
+    gguf_path = tmp_path / "tiny-q4_0.gguf"
+    write_tiny_gguf(gguf_path)
+    args = ["generate", "-m", gguf_path, "--prompt", "one two three", "-n", "10", "--stats"]
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache-one"))
     one = CliRunner().invoke(main, list(map(str, args)))
     assert one.exit_code == 0, one.output
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache-split"))  # the launched ranks inherit it
     for mode in ("tensor", "pipeline"):
         rc, out, err = _cli(tmp_path, 2, *args, "--shard", mode)
         assert rc == 0, out + err
@@ -433,3 +444,29 @@ def test_serve_split_answers_as_one_process(tiny_q, tmp_path, mode):
             proc.wait()
     assert got == ref, (tmp_path / "serve.log").read_text()
     assert "split over 2 processes" in (tmp_path / "serve.log").read_text()
+
+
+DYING = """
+import os, sys, time
+import mlx.core as mx
+from mlx_gemma_qat import load
+from mlx_gemma_qat.generate import generate_step
+model, tok = load(sys.argv[1], shard=sys.argv[2])
+world_rank = mx.distributed.init().rank()
+if world_rank == 1:
+    time.sleep(1)
+    os._exit(5)  # gone without a word, as a machine that drops off the network or is killed for memory
+for _ in generate_step(mx.array(list(range(5, 45))), model, max_tokens=100_000):
+    pass
+"""
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_a_rank_that_disappears_ends_the_run(tiny_q, tmp_path, mode):
+    """Rank 0 was generating when rank 1 vanished: it does not wait in a collective; the run ends, named."""
+    import time
+
+    t0 = time.monotonic()
+    _, out, err = mlx_launch(tmp_path, DYING, tiny_q, mode, n=2, timeout=120)
+    assert "rank 1 exited with code 5" in err, out + err
+    assert time.monotonic() - t0 < 100
