@@ -470,3 +470,20 @@ def test_a_rank_that_disappears_ends_the_run(tiny_q, tmp_path, mode):
     _, out, err = mlx_launch(tmp_path, DYING, tiny_q, mode, n=2, timeout=120)
     assert "rank 1 exited with code 5" in err, out + err
     assert time.monotonic() - t0 < 100
+
+
+def test_bfloat16_the_gpu_path_on_two_ranks(tiny_q, tmp_path):
+    """bfloat16 compute (the GPU's default), run here on the CPU: pipeline is one process's arithmetic; tensor
+    parallel sums the partial projections in float32 and rounds once, as one process's matmul does, and gives the
+    same tokens on this prompt (in bfloat16 sums each partial rounded first part ways within a few tokens)."""
+    from click.testing import CliRunner
+
+    from mlx_gemma_qat.cli import main
+
+    args = ["generate", "-m", tiny_q, "--prompt", "hello there my friend", "-n", "16", "--dtype", "bfloat16",
+            "--no-stats"]
+    one = CliRunner().invoke(main, list(map(str, args)))
+    assert one.exit_code == 0, one.output
+    for mode in ("tensor", "pipeline"):
+        _, out, err = _cli(tmp_path, 2, *args, "--shard", mode)
+        assert out == one.stdout, (mode, err)

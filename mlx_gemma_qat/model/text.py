@@ -68,7 +68,7 @@ class Attention(nn.Module):
                                   for b, (m, c) in enumerate(zip(mask, cache))])
         else:
             out = self._attend(q, k, v, mask, cache)
-        return _summed(self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), self.sum_over)
+        return _project(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.sum_over)
 
     def _attend(self, q, k, v, mask, cache):
         offset = cache.offset if cache is not None else 0
@@ -90,12 +90,15 @@ class MLP(nn.Module):
         self.sum_over = None  # tensor parallel: this rank's columns only, outputs summed over the group
 
     def __call__(self, x):
-        return _summed(self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x)), self.sum_over)
+        return _project(self.down_proj, nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x), self.sum_over)
 
 
-def _summed(y: mx.array, group) -> mx.array:
-    """A sublayer's output: this process's own, or the sum of every rank's partial one (tensor parallel)."""
-    return y if group is None else mx.distributed.all_sum(y, group=group)
+def _project(proj: nn.Module, x: mx.array, group) -> mx.array:
+    """A sublayer's output projection: this process's own, or (tensor parallel) the sum of every rank's partial
+    one, taken in float32 and rounded to the activations' dtype once, as one process's matmul rounds its sum."""
+    if group is None:
+        return proj(x)
+    return mx.distributed.all_sum(proj(x.astype(mx.float32)), group=group).astype(x.dtype)
 
 
 class TransformerBlock(nn.Module):
