@@ -171,6 +171,29 @@ class _Split:
         """Rank 0's text (a prompt, a chat line) on every rank."""
         return text if self.world is None else self.world.text(text)
 
+    def share_images(self, sources) -> list:
+        """The images (paths, URLs) as rank 0 reads them, on every rank: the other hosts need not hold the files.
+        One that rank 0 cannot read is the same ValueError on every rank."""
+        if self.world is None or not sources:
+            return list(sources or [])
+        import numpy as np
+
+        from .image import open_image
+
+        arrays, error = [], None
+        if self.front:
+            try:
+                arrays = [np.asarray(open_image(src), np.uint8) for src in sources]
+            except (ValueError, OSError) as e:
+                error = str(e) or type(e).__name__
+        head = json.loads(self.share(json.dumps({"error": error, "shapes": [a.shape for a in arrays]})))
+        if head["error"] is not None:  # every rank stops here alike; rank 0 says why
+            e = ValueError(head["error"])
+            e.stopped_with, e.said_by_rank0 = self.world, not self.front
+            raise e
+        return [self.world.array(arrays[i] if self.front else np.zeros(shape, np.uint8))
+                for i, shape in enumerate(head["shapes"])]
+
     def weights_line(self, active_after_load: int) -> str | None:
         """The weight memory of every rank (MLX active memory after load), for --stats (collective)."""
         if self.world is None or self.world.size == 1:
@@ -312,7 +335,7 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
     last = None
     for last in stream_generate(m, tok, prompt, max_tokens, temp=sampling.temp, top_p=sampling.top_p,
                                 top_k=sampling.top_k, min_p=sampling.min_p, stop_strings=list(sampling.stop) or None,
-                                seed=seed, chat=chat, system=system, images=list(images) or None,
+                                seed=seed, chat=chat, system=system, images=split.share_images(images) or None,
                                 pan_and_scan=pan_and_scan, prefill_step_size=prefill_step, kv_bits=kv_bits,
                                 kv_group_size=int(kv_group_size), prompt_cache=prompt_cache, constraint=constraint,
                                 num_draft_tokens=num_draft_tokens, **speculation):
@@ -396,7 +419,8 @@ def chat(model, mmproj, system, images, pan_and_scan, max_tokens, temp, top_p, t
             continue
         try:
             last = None
-            for last in session.send(text, pending, max_tokens, temp=sampling.temp, top_p=sampling.top_p,
+            shown = split.share_images(pending)
+            for last in session.send(text, shown, max_tokens, temp=sampling.temp, top_p=sampling.top_p,
                                      top_k=sampling.top_k, min_p=sampling.min_p,
                                      stop_strings=list(sampling.stop) or None, constraint=constraint):
                 split.echo(last.text, nl=False)

@@ -61,6 +61,12 @@ class World:
         got = self.broadcast({"b": mx.array(data.astype(np.int32))})["b"] if n else mx.zeros(0, mx.int32)
         return bytes(np.array(got).astype(np.uint8)).decode()
 
+    def array(self, a: np.ndarray) -> np.ndarray:
+        """Rank 0's array on every rank (the others pass zeros of its shape and dtype)."""
+        if self.size == 1:
+            return a
+        return np.array(self.broadcast({"a": mx.array(a)})["a"])
+
     def values(self, value: float) -> list[float]:
         """Every rank's ``value``, in rank order."""
         if self.size == 1:

@@ -32,28 +32,37 @@ FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE = FIXTURES / "images" / "a.png"
 PROMPT = list(range(5, 45))  # 40 tokens: past the tiny models' 16-token window
 
-# One launch per (model, mode, ranks) runs every case; each rank prints one JSON line of what it generated.
+# One launch per (mode, ranks) runs every job (a model, its compute dtype, the cases to run on it); each rank prints
+# one JSON line of what it generated.
 WORKER = """
 import json, sys
 import mlx.core as mx
 from mlx_gemma_qat import ChatSession, load
 from mlx_gemma_qat.generate import stream_generate
-src, mode, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-model, tok = load(src, shard=None if mode == "none" else mode)
-weights = mx.get_active_memory()
-out = {"rank": mx.distributed.init().rank() if mode != "none" else 0, "weights": weights,
-       "shard": None if model.shard is None else [model.shard.mode, model.shard.size, model.shard.layers]}
-
-def tokens(prompt, **kw):
+mode, jobs = sys.argv[1], json.loads(sys.argv[2])
+rank = mx.distributed.init().rank() if mode != "none" else 0
+results = []
+for src, dtype, cases in jobs:
+    model, tok = load(src, dtype=dtype, shard=None if mode == "none" else mode)
+    out = {"weights": mx.get_active_memory(),
+           "shard": None if model.shard is None else [model.shard.mode, model.shard.size, model.shard.layers]}
+    results.append(out)
+    run(model, tok, cases, out)
+    del model
+print("RESULT " + json.dumps({"rank": rank, "jobs": results}), flush=True)
+"""
+CASES = """
+def tokens(model, tok, prompt, **kw):
     return [r.token for r in stream_generate(model, tok, prompt, kw.pop("n", 12), **kw)]
 
-for case in cases:
+def run(model, tok, cases, out):
+  for case in cases:
     if case == "window":
-        out[case] = tokens(list(range(5, 45)), n=24, prefill_step_size=16)
+        out[case] = tokens(model, tok, list(range(5, 45)), n=16, prefill_step_size=16)
     elif case == "kv8":
-        out[case] = tokens(list(range(5, 45)), kv_bits=8, kv_group_size=32)
+        out[case] = tokens(model, tok, list(range(5, 45)), kv_bits=8, kv_group_size=32)
     elif case == "short":
-        out[case] = tokens(list(range(5, 45)), n=8)
+        out[case] = tokens(model, tok, list(range(5, 45)), n=8)
     elif case.startswith("chat"):  # chat:N, N turns
         session = ChatSession(model, tok)
         turns = []
@@ -62,14 +71,14 @@ for case in cases:
         out[case] = {"turns": turns, "reused": session.reused_tokens}
     elif case == "carried":  # a second prompt continues in the first one's cache
         cache = model.make_cache()
-        first = tokens(list(range(5, 30)), cache=cache, n=8)
-        out[case] = [first, tokens(list(range(60, 75)), cache=cache, n=8), cache[0].offset]
+        first = tokens(model, tok, list(range(5, 30)), cache=cache, n=8)
+        out[case] = [first, tokens(model, tok, list(range(60, 75)), cache=cache, n=8), cache[0].offset]
     elif case == "sampled":
-        out[case] = tokens("a b c d", temp=0.9, top_p=0.95, seed=7)
+        out[case] = tokens(model, tok, "a b c d", temp=0.9, top_p=0.95, seed=7)
     elif case == "image":
-        out[case] = tokens("Describe", images=[sys.argv[4]], chat=True)
-print("RESULT " + json.dumps(out), flush=True)
+        out[case] = tokens(model, tok, "Describe", images=[sys.argv[3]], chat=True)
 """
+WORKER = WORKER.replace("results = []", CASES + "\nresults = []")
 
 
 def _results(output: str) -> list[dict]:
@@ -77,23 +86,28 @@ def _results(output: str) -> list[dict]:
     return sorted(got, key=lambda r: r["rank"])
 
 
-def _launch(tmp_path, folder, mode, cases, n):
-    rc, out, err = mlx_launch(tmp_path, WORKER, folder, mode, json.dumps(cases), IMAGE, n=n, timeout=600)
+def _jobs(jobs) -> str:
+    return json.dumps([[str(folder), dtype, cases] for folder, dtype, cases in jobs])
+
+
+def _launch(tmp_path, jobs, mode, n) -> list[list[dict]]:
+    """Each rank's results, job by job (``jobs``: (folder, dtype or None, cases))."""
+    rc, out, err = mlx_launch(tmp_path, WORKER, mode, _jobs(jobs), IMAGE, n=n, timeout=600)
     assert rc == 0, out + err
     results = _results(out)
     assert len(results) == n, out + err
-    return results
+    return [r["jobs"] for r in results]
 
 
-def _one_process(tmp_path, folder, cases):
+def _one_process(tmp_path, jobs) -> list[dict]:
     import subprocess
 
     worker = tmp_path / "one.py"
     worker.write_text(WORKER)
-    p = subprocess.run([sys.executable, str(worker), str(folder), "none", json.dumps(cases), str(IMAGE)],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(worker), "none", _jobs(jobs), str(IMAGE)], capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    return _results(p.stdout)[0]
+    return _results(p.stdout)[0]["jobs"]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -144,6 +158,39 @@ def _write_wide(out: Path) -> None:
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     return shared(tmp_path_factory, "shard/wide", _write_wide)
+
+
+TINY_CASES = ["window", "kv8", "chat:3", "carried", "sampled"]
+WIDE_CASES = ["window", "kv8", "chat:2"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_jobs(tiny_q, vlm_folder):
+    """The tiny model's cases in float32, a prompt in bfloat16 (the GPU's compute dtype, run on the CPU), and an
+    image prompt on the vision checkpoint: one launch per mode."""
+    return [(tiny_q, None, TINY_CASES), (tiny_q, "bfloat16", ["window"]), (vlm_folder, None, ["image"])]
+
+
+@pytest.fixture(scope="module")
+def four_rank_jobs(wide, vlm_folder):
+    return {"tensor": [(wide, None, WIDE_CASES)],  # (the vision checkpoint's 2 query heads: no 4-way tensor split)
+            "pipeline": [(wide, None, WIDE_CASES), (vlm_folder, None, ["image"])]}
+
+
+@pytest.fixture(scope="module")
+def one_process(two_rank_jobs, four_rank_jobs, tmp_path_factory):
+    """One process's outputs of every job, computed once (keyed by folder and dtype)."""
+    jobs = two_rank_jobs + four_rank_jobs["tensor"]
+    out = _one_process(tmp_path_factory.mktemp("one"), jobs)
+    return {(str(folder), dtype): r for (folder, dtype, _), r in zip(jobs, out)}
+
+
+def _compare(got, jobs, ref, mode, n):
+    for rank, results in enumerate(got):
+        for (folder, dtype, cases), r in zip(jobs, results, strict=True):
+            assert r["shard"][:2] == [mode, n]
+            for case in cases:
+                assert r[case] == ref[str(folder), dtype][case], (mode, rank, folder, dtype, case)
 
 
 @pytest.fixture(scope="module")
@@ -235,36 +282,22 @@ def test_every_slice_is_the_whole_tensors_slice(tiny_q, n):
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-def test_two_ranks_generate_one_process_tokens(tiny_q, vlm_folder, tmp_path, mode):
-    cases = ["window", "kv8", "chat:3", "carried", "sampled"]
-    ref = _one_process(tmp_path, tiny_q, cases)
-    got = _launch(tmp_path, tiny_q, mode, cases, 2)
-    for r in got:
-        assert r["shard"][:2] == [mode, 2]
-        for case in cases:
-            assert r[case] == ref[case], (mode, r["rank"], case)
-    assert ref["carried"][2] == 25 + 7 + 15 + 7  # the second prompt ran after the first turn (its last token unfed)
-    # an image prompt: the vision tower runs on rank 0, its features go to the others
-    ref_img = _one_process(tmp_path, vlm_folder, ["image"])
-    for r in _launch(tmp_path, vlm_folder, mode, ["image"], 2):
-        assert r["image"] == ref_img["image"], (mode, r["rank"])
+def test_two_ranks_generate_one_process_tokens(two_rank_jobs, one_process, tmp_path, mode):
+    """(The image prompt: the vision tower runs on rank 0, its features go to the others. bfloat16: pipeline is
+    one process's arithmetic; tensor parallel sums the partial projections in float32 and rounds once, as one
+    process's matmul does: summed in bfloat16 after each partial's rounding, this prompt parts ways.)"""
+    _compare(_launch(tmp_path, two_rank_jobs, mode, 2), two_rank_jobs, one_process, mode, 2)
+    carried = one_process[str(two_rank_jobs[0][0]), None]["carried"]
+    assert carried[2] == 25 + 7 + 15 + 7  # the second prompt ran after the first turn (its last token unfed)
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-def test_four_ranks_generate_one_process_tokens(wide, vlm_folder, tmp_path, mode):
-    cases = ["window", "kv8", "chat:2"]
-    ref = _one_process(tmp_path, wide, cases)
-    got = _launch(tmp_path, wide, mode, cases, 4)
-    for r in got:
-        assert r["shard"][:2] == [mode, 4]
-        for case in cases:
-            assert r[case] == ref[case], (mode, r["rank"], case)
+def test_four_ranks_generate_one_process_tokens(four_rank_jobs, one_process, wide, tmp_path, mode):
+    jobs = four_rank_jobs[mode]
+    got = _launch(tmp_path, jobs, mode, 4)
+    _compare(got, jobs, one_process, mode, 4)
     if mode == "tensor":  # each rank one query head and its KV head, a quarter of the MLP and vocabulary
-        assert max(r["weights"] for r in got) < 0.5 * ref["weights"]
-    else:  # the vision checkpoint (2 query heads: no 4-way tensor split) in 4 stages: the image on rank 0
-        ref_img = _one_process(tmp_path, vlm_folder, ["image"])
-        for r in _launch(tmp_path, vlm_folder, mode, ["image"], 4):
-            assert r["image"] == ref_img["image"], r["rank"]
+        assert max(r[0]["weights"] for r in got) < 0.5 * one_process[str(wide), None]["weights"]
 
 
 def _cli(tmp_path, n, *args):
@@ -299,12 +332,14 @@ def test_the_cli_prints_once_from_rank_0(tmp_path, monkeypatch):
 def test_a_split_the_model_cannot_take_is_one_error_before_loading(tiny_q, tmp_path):
     """(mlx.launch itself exits 0 whatever its ranks do: the ranks' codes are in its warnings.)"""
     _, out, err = _cli(tmp_path, 4, "generate", "-m", tiny_q, "--prompt", "x", "--shard", "tensor")
-    assert (out + err).count("Error: ") == 1, out + err  # every rank failed alike: rank 0 says it, once
+    said = [line for line in (out + err).splitlines() if line.startswith("Error")]
+    assert len(said) == 1, out + err  # every rank failed alike: rank 0 says it, once
     assert "Error: 2 query heads over 1 KV heads cannot be split over 4 processes" in err
     assert "Traceback" not in out + err and "exited with code" in err
     _, out, err = _cli(tmp_path, 2, "generate", "-m", tiny_q, "--prompt", "x", "--shard", "pipeline",
                        "--pipeline-split", "3,4")
-    assert (out + err).count("Error: ") == 1 and "give 2 layer counts" in err
+    said = [line for line in (out + err).splitlines() if line.startswith("Error")]
+    assert len(said) == 1 and "give 2 layer counts" in said[0]
 
 
 FAILING = """
@@ -330,25 +365,22 @@ def test_a_rank_that_cannot_load_stops_every_rank(tiny_q, tmp_path):
     assert "rank 0 PEER: rank 1 failed while finding the model" in out
 
 
-REAL_CASES = ["short", "chat:2"]
+REAL_CASES = ["short"]  # (chats, caches, windows, images: on the tiny models above)
 
 
 @pytest.fixture(scope="module")
 def real_one_process(real_270m, tmp_path_factory):
-    ref = _one_process(tmp_path_factory.mktemp("one"), real_270m, REAL_CASES)
-    assert ref["chat:2"]["reused"] > 0  # the second turn reused the cache
-    return ref
+    return {(str(real_270m), None): _one_process(tmp_path_factory.mktemp("one"), [(real_270m, None, REAL_CASES)])[0]}
 
 
 @pytest.mark.real
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_the_real_270m_on_two_ranks(real_270m, real_one_process, tmp_path, mode):
-    cases, ref = REAL_CASES, real_one_process
-    got = _launch(tmp_path, real_270m, mode, cases, 2)
-    for r in got:
-        for case in cases:
-            assert r[case] == ref[case], (mode, r["rank"], case)
-    share = [r["weights"] / ref["weights"] for r in got]
+    jobs = [(real_270m, None, REAL_CASES)]
+    got = _launch(tmp_path, jobs, mode, 2)
+    _compare(got, jobs, real_one_process, mode, 2)
+    got = [r[0] for r in got]
+    share = [r["weights"] / real_one_process[str(real_270m), None]["weights"] for r in got]
     if mode == "tensor":
         assert max(share) <= 0.55, share
     else:  # rank 0 holds the embedding and head (63% of the 270M) and its layers, the other the rest
@@ -397,14 +429,9 @@ def _ask(url: str, model: str) -> list:
     return out
 
 
-@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-def test_serve_split_answers_as_one_process(tiny_q, tmp_path, mode):
-    import os
-    import signal
-    import subprocess
-    import time
-    import urllib.request
-
+@pytest.fixture(scope="module")
+def served_ref(tiny_q):
+    """(model id, answers) of one process's server."""
     from served import serve
 
     from mlx_gemma_qat import load
@@ -412,9 +439,20 @@ def test_serve_split_answers_as_one_process(tiny_q, tmp_path, mode):
     model, tok = load(tiny_q)
     one = serve(tiny_q, model, tok, max_tokens=16)
     try:
-        ref = _ask(one.url, one.card.id)
+        return one.card.id, _ask(one.url, one.card.id)
     finally:
         one.close()
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_serve_split_answers_as_one_process(tiny_q, served_ref, tmp_path, mode):
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    model_id, ref = served_ref
     assert ref[1][1]  # the second greedy request reused the first one's cache
 
     port = _free_port()
@@ -422,7 +460,7 @@ def test_serve_split_answers_as_one_process(tiny_q, tmp_path, mode):
 
     cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port",
            str(ring_port(2)), "--", str(Path(sys.executable).parent / "mlx-gemma"), "serve", "-m", str(tiny_q),
-           "--model-name", one.card.id, "--port", str(port), "--shard", mode]
+           "--model-name", model_id, "--port", str(port), "--shard", mode]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
     try:
@@ -434,7 +472,7 @@ def test_serve_split_answers_as_one_process(tiny_q, tmp_path, mode):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.5)
-        got = _ask(f"http://127.0.0.1:{port}", one.card.id)
+        got = _ask(f"http://127.0.0.1:{port}", model_id)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -472,18 +510,21 @@ def test_a_rank_that_disappears_ends_the_run(tiny_q, tmp_path, mode):
     assert time.monotonic() - t0 < 100
 
 
-def test_bfloat16_the_gpu_path_on_two_ranks(tiny_q, tmp_path):
-    """bfloat16 compute (the GPU's default), run here on the CPU: pipeline is one process's arithmetic; tensor
-    parallel sums the partial projections in float32 and rounds once, as one process's matmul does, and gives the
-    same tokens on this prompt (in bfloat16 sums each partial rounded first part ways within a few tokens)."""
+def test_images_are_read_by_rank_0_only(vlm_folder, tmp_path):
+    """generate --image under --shard: rank 0 reads the image and shares its pixels (the other hosts need not hold
+    the file): one process's text; an image rank 0 cannot read is one Error line, and no rank waits."""
     from click.testing import CliRunner
 
     from mlx_gemma_qat.cli import main
 
-    args = ["generate", "-m", tiny_q, "--prompt", "hello there my friend", "-n", "16", "--dtype", "bfloat16",
-            "--no-stats"]
+    args = ["generate", "-m", vlm_folder, "--prompt", "Describe", "--image", IMAGE, "-n", "8", "--no-stats"]
     one = CliRunner().invoke(main, list(map(str, args)))
     assert one.exit_code == 0, one.output
-    for mode in ("tensor", "pipeline"):
-        _, out, err = _cli(tmp_path, 2, *args, "--shard", mode)
-        assert out == one.stdout, (mode, err)
+    _, out, err = _cli(tmp_path, 2, *args, "--shard", "tensor")
+    assert out == one.stdout, err
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"no pixels here")
+    _, out, err = _cli(tmp_path, 2, "generate", "-m", vlm_folder, "--prompt", "x", "--image", bad, "--shard",
+                       "pipeline")
+    said = [line for line in (out + err).splitlines() if line.startswith("Error")]
+    assert len(said) == 1 and "not a readable image" in said[0] and "Traceback" not in out + err, out + err
