@@ -171,6 +171,13 @@ class _Split:
         """Rank 0's text (a prompt, a chat line) on every rank."""
         return text if self.world is None else self.world.text(text)
 
+    def refuse_standard_input(self) -> None:
+        """mlx.launch hands rank 0 its input but never its end, so a read to the end would wait forever."""
+        if self.world is not None and self.world.size > 1:
+            e = ValueError('under mlx.launch standard input never ends: give the prompt as --prompt "$(cat FILE)"')
+            e.stopped_with, e.said_by_rank0 = self.world, not self.front
+            raise e
+
     def share_images(self, sources) -> list:
         """The images (paths, URLs) as rank 0 reads them, on every rank: the other hosts need not hold the files.
         One that rank 0 cannot read is the same ValueError on every rank."""
@@ -322,8 +329,8 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
                            prompt_lookup=prompt_lookup, adapter_path=adapter_path)
     constraint = _constraint(json_schema, json_object, regex, grammar_file)
     if prompt == "-":
-        prompt = sys.stdin.read() if split.front else None
-    prompt = split.share(prompt)
+        split.refuse_standard_input()
+        prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path,
                   shard=split.shard, pipeline_split=split.pipeline_split)
     weights = split.weights_line(mx.get_active_memory()) if stats else None

@@ -29,9 +29,11 @@ def ring_port(n: int = 2) -> int:
     raise RuntimeError(f"no {n} adjacent free ports")
 
 
-def mlx_launch(tmp_path: Path, script: str, *args, timeout: int, n: int = 2, command: list[str] | None = None):
-    """``mlx.launch -n N --backend ring`` of ``script`` (or of ``command``, a program and its arguments):
-    (exit code, stdout, stderr). A hang fails the test (the launcher and every rank are killed)."""
+def mlx_launch(tmp_path: Path, script: str, *args, timeout: int, n: int = 2, command: list[str] | None = None,
+               stdin: str | None = None):
+    """``mlx.launch -n N --backend ring`` of ``script`` (or of ``command``, a program and its arguments), with
+    ``stdin`` for rank 0 (mlx.launch hands its input to rank 0): (exit code, stdout, stderr). A hang fails the test
+    (the launcher and every rank are killed)."""
     launch = Path(sys.executable).parent / "mlx.launch"
     if command is None:
         worker = tmp_path / "worker.py"
@@ -39,10 +41,11 @@ def mlx_launch(tmp_path: Path, script: str, *args, timeout: int, n: int = 2, com
         command = [sys.executable, str(worker), *map(str, args)]
     cmd = [str(launch), "-n", str(n), "--backend", "ring", "--starting-port", str(ring_port(n)), "--", *command]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         import pytest
 

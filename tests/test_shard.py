@@ -300,10 +300,30 @@ def test_four_ranks_generate_one_process_tokens(four_rank_jobs, one_process, wid
         assert max(r[0]["weights"] for r in got) < 0.5 * one_process[str(wide), None]["weights"]
 
 
-def _cli(tmp_path, n, *args):
-    rc, out, err = mlx_launch(tmp_path, None, n=n, timeout=600,
+def _cli(tmp_path, n, *args, stdin=None):
+    rc, out, err = mlx_launch(tmp_path, None, n=n, timeout=600, stdin=stdin,
                               command=[str(Path(sys.executable).parent / "mlx-gemma"), *map(str, args)])
     return rc, out, err
+
+
+def test_chat_lines_are_read_by_rank_0(tiny_q, tmp_path):
+    """chat --shard: rank 0 reads the lines (mlx.launch hands it the input) and every rank takes them; the replies
+    are one process's, printed once. mlx.launch never passes the input's end on, so generate --prompt - (which
+    reads to the end) is refused with a way round, rather than waiting forever."""
+    from click.testing import CliRunner
+
+    from mlx_gemma_qat.cli import main
+
+    lines = "red green blue\n/reset\nand then?\nonce more\n/quit\n"
+    args = ["chat", "-m", tiny_q, "-n", "6"]
+    one = CliRunner().invoke(main, list(map(str, args)), input=lines)
+    assert one.exit_code == 0, one.output
+    _, out, err = _cli(tmp_path, 2, *args, "--shard", "tensor", stdin=lines)
+    assert out == one.stdout and "(conversation cleared)" in err, err
+    _, out, err = _cli(tmp_path, 2, "generate", "-m", tiny_q, "--prompt", "-", "--shard", "pipeline",
+                       stdin="piped prompt text")
+    said = [line for line in (out + err).splitlines() if line.startswith("Error")]
+    assert len(said) == 1 and '--prompt "$(cat FILE)"' in said[0], out + err
 
 
 def test_the_cli_prints_once_from_rank_0(tmp_path, monkeypatch):
