@@ -201,12 +201,14 @@ class _Split:
         return [self.world.array(arrays[i] if self.front else np.zeros(shape, np.uint8))
                 for i, shape in enumerate(head["shapes"])]
 
-    def weights_line(self, active_after_load: int) -> str | None:
-        """The weight memory of every rank (MLX active memory after load), for --stats (collective)."""
+    def weights_line(self, active_after_load: int, layers: tuple[int, ...] | None) -> str | None:
+        """The weight memory of every rank (MLX active memory after load) and, in a pipeline, its layer counts,
+        for --stats (collective)."""
         if self.world is None or self.world.size == 1:
             return None
         per = self.world.values(active_after_load / 2**20)
-        return (f"Weights per rank ({self.shard} parallel over {len(per)} processes): "
+        counts = f"; layers {', '.join(map(str, layers))}" if layers else ""
+        return (f"Weights per rank ({self.shard} parallel over {len(per)} processes{counts}): "
                 + ", ".join(f"{v:.1f}" for v in per) + " MiB")
 
 
@@ -333,7 +335,7 @@ def generate(model, mmproj, prompt, max_tokens, temp, top_p, top_k, min_p, seed,
         prompt = sys.stdin.read()
     m, tok = load(model, mmproj=mmproj, dtype=dtype, widen=widen, scales=scales, adapter_path=adapter_path,
                   shard=split.shard, pipeline_split=split.pipeline_split)
-    weights = split.weights_line(mx.get_active_memory()) if stats else None
+    weights = split.weights_line(mx.get_active_memory(), m.shard and m.shard.layers) if stats else None
     sampling = choose_sampling(m, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     for note in (base_model_note(tok) if chat else None, sampling.note):
         if note:

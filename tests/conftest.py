@@ -32,15 +32,17 @@ def pytest_collection_modifyitems(config, items):
 
 def shared(tmp_path_factory, name: str, build):
     """``build(path)`` run once per test run under ``path`` and shared by pytest-xdist's workers (``make test``
-    runs two): the first worker to ask builds it under a file lock, the others wait and take what it built.
-    ``build`` must leave ``path`` whole or absent (the converter and the cache writers are atomic)."""
+    runs two, then a second pytest run: ``MLX_GEMMA_TEST_SHARED`` names their common folder): the first worker to
+    ask builds it under a file lock, the others wait and take what it built. ``build`` must leave ``path`` whole or absent (the converter and the cache writers are atomic)."""
     from pathlib import Path
 
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' base folders share this parent
+    root = os.environ.get("MLX_GEMMA_TEST_SHARED")  # make test's two pytest runs share one folder
+    if not root:
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            root = root.parent  # the workers' base folders share this parent
     path = Path(root) / "shared" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):

@@ -13,6 +13,8 @@ from launcher import mlx_launch
 from mlx_gemma_qat.lora import finetune
 from mlx_gemma_qat.lora.trainer import latest_checkpoint
 
+pytestmark = pytest.mark.launches  # make test runs these on their own, after the others
+
 TINY = Path(__file__).parent / "fixtures" / "tiny_gemma3"
 ADAPTER = dict(kind="pooled", num_layers=3, embedding=True)
 TRAIN = dict(iters=4, batch_size=4, learning_rate=2e-3, val_every=0, save_every=0, report_every=1)

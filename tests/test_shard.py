@@ -28,6 +28,8 @@ from mlx_gemma_qat.model.shard import (
     rank_heads,
 )
 
+pytestmark = pytest.mark.launches  # make test runs these on their own, after the others
+
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE = FIXTURES / "images" / "a.png"
 PROMPT = list(range(5, 45))  # 40 tokens: past the tiny models' 16-token window
@@ -59,8 +61,8 @@ def run(model, tok, cases, out):
   for case in cases:
     if case == "window":
         out[case] = tokens(model, tok, list(range(5, 45)), n=16, prefill_step_size=16)
-    elif case == "kv8":
-        out[case] = tokens(model, tok, list(range(5, 45)), kv_bits=8, kv_group_size=32)
+    elif case.startswith("kv8"):  # kv8 or kv8:N, N tokens
+        out[case] = tokens(model, tok, list(range(5, 45)), n=int(case[4:] or 12), kv_bits=8, kv_group_size=32)
     elif case == "short":
         out[case] = tokens(model, tok, list(range(5, 17)), n=6)
     elif case.startswith("chat"):  # chat:N, N turns
@@ -123,8 +125,8 @@ def tiny_q(tmp_path_factory):
 
 
 def _write_wide(out: Path) -> None:
-    """A tiny Gemma 3 with 4 query heads over 2 KV heads and 256 MLP columns (4 ranks can split it), random
-    weights (numpy), the tiny fixture's tokenizer; converted with defaults."""
+    """A tiny Gemma 3 with 4 query heads over 2 KV heads and 256 MLP columns (4 ranks can split it) in 6 layers (5
+    sliding, 1 global), random weights (numpy), the tiny fixture's tokenizer; converted with defaults."""
     from safetensors.numpy import save_file
 
     from mlx_gemma_qat.convert import convert
@@ -133,7 +135,9 @@ def _write_wide(out: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
     cfg = json.loads((FIXTURES / "tiny_gemma3" / "config.json").read_text())
-    cfg.update(num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+    cfg.update(num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, num_hidden_layers=6,
+               layer_types=cfg["layer_types"][:6])
+    assert cfg["layer_types"][-1] == "full_attention"
     (src / "config.json").write_text(json.dumps(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(FIXTURES / "tiny_gemma3" / f, src / f)
@@ -161,7 +165,7 @@ def wide(tmp_path_factory):
 
 
 TINY_CASES = ["window", "kv8", "chat:2", "carried", "sampled"]
-WIDE_CASES = ["kv8", "chat:2"]  # (kv8's 40-token prompt is past the window too)
+WIDE_CASES = ["kv8:6", "chat:2"]  # (kv8's 40-token prompt is past the window too)
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +332,7 @@ def test_chat_lines_are_read_by_rank_0(tiny_q, tmp_path):
 
 def test_the_cli_prints_once_from_rank_0(tmp_path, monkeypatch):
     """From a GGUF (Google's QAT layout: Q4_0 linears, F16 embedding) that both ranks on this host convert into
-    an empty cache at once (one converts, the other waits for it)."""
+    an empty cache at once (one converts, the other waits for it); pipeline with the layer counts given."""
     from click.testing import CliRunner
     from gguf_factory import write_tiny_gguf
 
@@ -341,12 +345,13 @@ def test_the_cli_prints_once_from_rank_0(tmp_path, monkeypatch):
     one = CliRunner().invoke(main, list(map(str, args)))
     assert one.exit_code == 0, one.output
     monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache-split"))  # the launched ranks inherit it
-    for mode in ("tensor", "pipeline"):
-        rc, out, err = _cli(tmp_path, 2, *args, "--shard", mode)
+    for mode, more in (("tensor", []), ("pipeline", ["--pipeline-split", "3,5"])):
+        rc, out, err = _cli(tmp_path, 2, *args, "--shard", mode, *more)
         assert rc == 0, out + err
         assert out == one.stdout  # rank 0's text only, once
         assert err.count("Generation: 10 tokens") == 1
-        assert re.search(rf"Weights per rank \({mode} parallel over 2 processes\): [\d.]+, [\d.]+ MiB", err), err
+        said = "; layers 3, 5" if more else ""
+        assert re.search(rf"Weights per rank \({mode} parallel over 2 processes{said}\): [\d.]+, [\d.]+ MiB", err), err
 
 
 def test_a_split_the_model_cannot_take_is_one_error_before_loading(tiny_q, tmp_path):
@@ -356,10 +361,6 @@ def test_a_split_the_model_cannot_take_is_one_error_before_loading(tiny_q, tmp_p
     assert len(said) == 1, out + err  # every rank failed alike: rank 0 says it, once
     assert "Error: 2 query heads over 1 KV heads cannot be split over 4 processes" in err
     assert "Traceback" not in out + err and "exited with code" in err
-    _, out, err = _cli(tmp_path, 2, "generate", "-m", tiny_q, "--prompt", "x", "--shard", "pipeline",
-                       "--pipeline-split", "3,4")
-    said = [line for line in (out + err).splitlines() if line.startswith("Error")]
-    assert len(said) == 1 and "give 2 layer counts" in said[0]
 
 
 FAILING = """
