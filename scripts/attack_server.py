@@ -10,7 +10,7 @@ refusal within FAST seconds); the server's
 memory must stay within BOUND_MB of what it held after a normal request; and a normal request afterwards must
 get the same answer as before the attack. Prints a markdown table (README: "Serving safely").
 
-    python scripts/attack_server.py [--model FOLDER] [--flood 200] [--bound-mb 128]
+    python scripts/attack_server.py [--model FOLDER] [--flood 200] [--bound-mb 128] [--shard tensor|pipeline]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import io
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -61,21 +62,32 @@ def rss_mb(pid: int) -> float:
 
 
 class Memory(threading.Thread):
-    """Samples a process's RSS every 50 ms; ``peak`` since the last ``reset``."""
+    """Samples the RSS of processes (summed) every 50 ms; ``peak`` since the last ``reset``."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pids: list[int]):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.running = pid, 0.0, True
+        self.pids, self.peak, self.running = pids, 0.0, True
         self.start()
+
+    def now(self) -> float:
+        return sum(rss_mb(pid) for pid in self.pids)
 
     def run(self):
         while self.running:
-            self.peak = max(self.peak, rss_mb(self.pid))
+            self.peak = max(self.peak, self.now())
             time.sleep(0.05)
 
     def reset(self) -> float:
-        self.peak = now = rss_mb(self.pid)
+        self.peak = now = self.now()
         return now
+
+
+def server_pids(proc: subprocess.Popen, shard: str | None) -> list[int]:
+    """The serving processes: the server itself, or under mlx.launch its ranks (the launcher's children)."""
+    if shard is None:
+        return [proc.pid]
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
 
 
 def raw_status(port: int, head: str, body_chunks=(), timeout: float = 30.0) -> str:
@@ -165,6 +177,8 @@ def main() -> int:
     ap.add_argument("--model", help="model to serve (default: the tiny vision fixture, converted to a temp folder)")
     ap.add_argument("--flood", type=int, default=200, help="concurrent requests in the flood")
     ap.add_argument("--bound-mb", type=float, default=128.0, help="most the server's RSS may grow over its baseline")
+    ap.add_argument("--shard", choices=["tensor", "pipeline"],
+                    help="serve split over 2 local ranks (mlx.launch -n 2 --backend ring); RSS summed over the ranks")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="attack-"))
@@ -178,8 +192,14 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    server = subprocess.Popen([sys.executable, "-m", "mlx_gemma_qat.cli", "serve", "-m", model, "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    cmd = [sys.executable, "-m", "mlx_gemma_qat.cli", "serve", "-m", model, "--port", str(port)]
+    if args.shard:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from launcher import ring_port  # the tests' helper: consecutive free ports for the ring's ranks
+
+        cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring", "--starting-port",
+               str(ring_port(2)), "--", *cmd, "--shard", args.shard]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -192,7 +212,7 @@ def main() -> int:
                 print((work / "server.log").read_text())
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
-        mem = Memory(server.pid)
+        mem = Memory(server_pids(server, args.shard))
         normal = {"messages": HI, "max_tokens": 12}
         before = httpx.post(url + "/v1/chat/completions", json=normal, timeout=120).json()["choices"][0]["message"]
         base = mem.reset()
@@ -218,7 +238,8 @@ def main() -> int:
         flood_ok = not f["other"] and f["busy"] == f["busy_with_retry_after"] and f["busy_median_s"] < FAST
         mem_ok = peak - base <= args.bound_mb
         ok &= same and flood_ok and mem_ok
-        print(f"server: {model} (default limits), {sys.platform}\n")
+        split = f", split over 2 local ranks ({args.shard} parallel; RSS of both)" if args.shard else ""
+        print(f"server: {model} (default limits){split}, {sys.platform}\n")
         print("| hostile request | expected | got | time | |\n|---|---|---|---|---|")
         print("\n".join(rows))
         print(f"\nflood of {args.flood} concurrent chat requests (16 tokens each): {f['answered']} answered, "
@@ -232,7 +253,7 @@ def main() -> int:
         print("\nall passed" if ok else "\nFAILED")
         return 0 if ok else 1
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the server, or the launcher and its ranks
         server.wait(30)
         log.close()
 

@@ -34,8 +34,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE = FIXTURES / "images" / "a.png"
 PROMPT = list(range(5, 45))  # 40 tokens: past the tiny models' 16-token window
 
-# One launch per (mode, ranks) runs every job (a model, its compute dtype, the cases to run on it); each rank prints
-# one JSON line of what it generated.
+# One launch per (mode, ranks) runs every job (a model, its compute dtype, the cases to run on it, and optionally its
+# own split mode); each rank prints one JSON line of what it generated.
 WORKER = """
 import json, sys
 import mlx.core as mx
@@ -44,8 +44,8 @@ from mlx_gemma_qat.generate import stream_generate
 mode, jobs = sys.argv[1], json.loads(sys.argv[2])
 rank = mx.distributed.init().rank() if mode != "none" else 0
 results = []
-for src, dtype, cases in jobs:
-    model, tok = load(src, dtype=dtype, shard=None if mode == "none" else mode)
+for src, dtype, cases, *own in jobs:
+    model, tok = load(src, dtype=dtype, shard=None if mode == "none" else (own or [mode])[0])
     out = {"weights": mx.get_active_memory(),
            "shard": None if model.shard is None else [model.shard.mode, model.shard.size, model.shard.layers]}
     results.append(out)
@@ -89,7 +89,7 @@ def _results(output: str) -> list[dict]:
 
 
 def _jobs(jobs) -> str:
-    return json.dumps([[str(folder), dtype, cases] for folder, dtype, cases in jobs])
+    return json.dumps([[str(folder), *rest] for folder, *rest in jobs])
 
 
 def _launch(tmp_path, jobs, mode, n) -> list[list[dict]]:
@@ -191,8 +191,8 @@ def one_process(two_rank_jobs, four_rank_jobs, tmp_path_factory):
 
 def _compare(got, jobs, ref, mode, n):
     for rank, results in enumerate(got):
-        for (folder, dtype, cases), r in zip(jobs, results, strict=True):
-            assert r["shard"][:2] == [mode, n]
+        for (folder, dtype, cases, *own), r in zip(jobs, results, strict=True):
+            assert r["shard"][:2] == [(own or [mode])[0], n]
             for case in cases:
                 assert r[case] == ref[str(folder), dtype][case], (mode, rank, folder, dtype, case)
 
@@ -395,19 +395,18 @@ def real_one_process(real_270m, tmp_path_factory):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-def test_the_real_270m_on_two_ranks(real_270m, real_one_process, tmp_path, mode):
-    jobs = [(real_270m, None, REAL_CASES)]
-    got = _launch(tmp_path, jobs, mode, 2)
-    _compare(got, jobs, real_one_process, mode, 2)
-    got = [r[0] for r in got]
-    share = [r["weights"] / real_one_process[str(real_270m), None]["weights"] for r in got]
-    if mode == "tensor":
-        assert max(share) <= 0.55, share
-    else:  # rank 0 holds the embedding and head (63% of the 270M) and its layers, the other the rest
-        counts = got[0]["shard"][2]
-        assert sum(counts) == 18 and min(counts) >= 1
-        assert 0.95 < sum(share) < 1.1, share
+def test_the_real_270m_on_two_ranks(real_270m, real_one_process, tmp_path):
+    """Both modes in one launch (the second loaded after the first is freed)."""
+    jobs = [(real_270m, None, REAL_CASES, "tensor"), (real_270m, None, REAL_CASES, "pipeline")]
+    got = _launch(tmp_path, jobs, "tensor", 2)
+    _compare(got, jobs, real_one_process, "tensor", 2)
+    share = [[r["weights"] / real_one_process[str(real_270m), None]["weights"] for r in ranks] for ranks in got]
+    tensor, pipeline = zip(*share)
+    assert max(tensor) <= 0.55, share
+    # pipeline: rank 0 holds the embedding and head (63% of the 270M) and its layers, the other the rest
+    counts = got[0][1]["shard"][2]
+    assert sum(counts) == 18 and min(counts) >= 1
+    assert 0.95 < sum(pipeline) < 1.1, share
 
 
 def _free_port() -> int:
