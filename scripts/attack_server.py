@@ -83,11 +83,16 @@ class Memory(threading.Thread):
 
 
 def server_pids(proc: subprocess.Popen, shard: str | None) -> list[int]:
-    """The serving processes: the server itself, or under mlx.launch its ranks (the launcher's children)."""
+    """The serving processes: the server itself, or under mlx.launch every process below the launcher (its ranks,
+    and the shells it starts them through)."""
     if shard is None:
         return [proc.pid]
-    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+    found, todo = [], [proc.pid]
+    while todo:
+        out = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True).stdout.split()
+        found += [int(p) for p in out]
+        todo += [int(p) for p in out]
+    return found
 
 
 def raw_status(port: int, head: str, body_chunks=(), timeout: float = 30.0) -> str:
