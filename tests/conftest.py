@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(config, items):
 def shared(tmp_path_factory, name: str, build):
     """``build(path)`` run once per test run under ``path`` and shared by pytest-xdist's workers (``make test``
     runs two, then a second pytest run: ``MLX_GEMMA_TEST_SHARED`` names their common folder): the first worker to
-    ask builds it under a file lock, the others wait and take what it built. ``build`` must leave ``path`` whole or absent (the converter and the cache writers are atomic)."""
+    ask builds it under a file lock, the others wait and take what it built. ``build`` must leave ``path`` whole
+    or absent (the converter and the cache writers are atomic)."""
     from pathlib import Path
 
     from filelock import FileLock
