@@ -174,9 +174,8 @@ class _Split:
     def refuse_standard_input(self) -> None:
         """mlx.launch hands rank 0 its input but never its end, so a read to the end would wait forever."""
         if self.world is not None and self.world.size > 1:
-            e = ValueError('under mlx.launch standard input never ends: give the prompt as --prompt "$(cat FILE)"')
-            e.stopped_with, e.said_by_rank0 = self.world, not self.front
-            raise e
+            raise self.world.stopping(
+                ValueError('under mlx.launch standard input never ends: give the prompt as --prompt "$(cat FILE)"'))
 
     def share_images(self, sources) -> list:
         """The images (paths, URLs) as rank 0 reads them, on every rank: the other hosts need not hold the files.
@@ -195,9 +194,7 @@ class _Split:
                 error = str(e) or type(e).__name__
         head = json.loads(self.share(json.dumps({"error": error, "shapes": [a.shape for a in arrays]})))
         if head["error"] is not None:  # every rank stops here alike; rank 0 says why
-            e = ValueError(head["error"])
-            e.stopped_with, e.said_by_rank0 = self.world, not self.front
-            raise e
+            raise self.world.stopping(ValueError(head["error"]))
         return [self.world.array(arrays[i] if self.front else np.zeros(shape, np.uint8))
                 for i, shape in enumerate(head["shapes"])]
 

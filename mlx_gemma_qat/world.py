@@ -110,11 +110,14 @@ class World:
         if error is None:
             who = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
             error = PeerFailed(f"{who} failed while {what} (see its error); rank {self.rank} stops too")
-        # for whoever reports it: every rank stops here (a barrier is safe), and when all failed, most likely
-        # alike, rank 0's message is enough
+        raise self.stopping(error, every_rank=len(failed) == self.size)
+
+    def stopping(self, error: BaseException, every_rank: bool = True) -> BaseException:
+        """``error`` marked for whoever reports it: every rank stops at this point (a barrier is safe), and when
+        every rank fails, most likely alike, rank 0's message is enough (``said_by_rank0`` on the others)."""
         error.stopped_with = self
-        error.said_by_rank0 = len(failed) == self.size and self.rank != 0
-        raise error
+        error.said_by_rank0 = every_rank and self.rank != 0
+        return error
 
     def agree(self, error: BaseException | None, what: str) -> None:
         """Every rank learns whether any failed at this point (one all_sum of the flags); then see ``check``."""

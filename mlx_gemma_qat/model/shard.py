@@ -5,8 +5,9 @@ where N divides their count, the same ones on several ranks where it does not; t
 the MLP's columns (gate/up by output, down by input) and 1/N of the vocabulary (the tied embedding and head).
 q/k/v/gate/up rows are whole, o/down are cut between quantization groups: every weight keeps its stored value,
 nothing is re-quantized. Each sublayer ends in one ``all_sum`` of the partial projections, in float32, rounded once
-to the compute dtype (model/text.py ``_project``), so the sums run in another order than in one process; a token lookup sums one rank's row with zeros (exact), and the head's slices are
-gathered, so every rank samples from the whole distribution.
+to the compute dtype (model/text.py ``_project``), so the sums run in another order than in one process; a token
+lookup sums one rank's row with zeros (exact), and the head's slices are gathered, so every rank samples from the
+whole distribution.
 
 **Pipeline parallel** (``shard_pipeline``): each rank holds a contiguous range of layers and their KV caches; rank 0
 also holds the embedding and the head. Activations go rank to rank with ``send``/``recv``, the last rank's normed
