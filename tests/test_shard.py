@@ -34,25 +34,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 IMAGE = FIXTURES / "images" / "a.png"
 PROMPT = list(range(5, 45))  # 40 tokens: past the tiny models' 16-token window
 
-# One launch per (mode, ranks) runs every job (a model, its compute dtype, the cases to run on it, and optionally its
-# own split mode); each rank prints one JSON line of what it generated.
-WORKER = """
-import json, sys
-import mlx.core as mx
-from mlx_gemma_qat import ChatSession, load
-from mlx_gemma_qat.generate import stream_generate
-mode, jobs = sys.argv[1], json.loads(sys.argv[2])
-rank = mx.distributed.init().rank() if mode != "none" else 0
-results = []
-for src, dtype, cases, *own in jobs:
-    model, tok = load(src, dtype=dtype, shard=None if mode == "none" else (own or [mode])[0])
-    out = {"weights": mx.get_active_memory(),
-           "shard": None if model.shard is None else [model.shard.mode, model.shard.size, model.shard.layers]}
-    results.append(out)
-    run(model, tok, cases, out)
-    del model
-print("RESULT " + json.dumps({"rank": rank, "jobs": results}), flush=True)
-"""
 CASES = """
 def tokens(model, tok, prompt, **kw):
     return [r.token for r in stream_generate(model, tok, prompt, kw.pop("n", 12), **kw)]
@@ -80,7 +61,27 @@ def run(model, tok, cases, out):
     elif case == "image":
         out[case] = tokens(model, tok, "Describe", images=[sys.argv[3]], chat=True)
 """
-WORKER = WORKER.replace("results = []", CASES + "\nresults = []")
+_IMPORTS = """
+import json, sys
+import mlx.core as mx
+from mlx_gemma_qat import ChatSession, load
+from mlx_gemma_qat.generate import stream_generate
+"""
+# One launch per (mode, ranks) runs every job (a model, its compute dtype, the cases to run on it, and optionally its
+# own split mode); each rank prints one JSON line of what it generated.
+WORKER = _IMPORTS + CASES + """
+mode, jobs = sys.argv[1], json.loads(sys.argv[2])
+rank = mx.distributed.init().rank() if mode != "none" else 0
+results = []
+for src, dtype, cases, *own in jobs:
+    model, tok = load(src, dtype=dtype, shard=None if mode == "none" else (own or [mode])[0])
+    out = {"weights": mx.get_active_memory(),
+           "shard": None if model.shard is None else [model.shard.mode, model.shard.size, model.shard.layers]}
+    results.append(out)
+    run(model, tok, cases, out)
+    del model
+print("RESULT " + json.dumps({"rank": rank, "jobs": results}), flush=True)
+"""
 
 
 def _results(output: str) -> list[dict]:
@@ -93,7 +94,7 @@ def _jobs(jobs) -> str:
 
 
 def _launch(tmp_path, jobs, mode, n) -> list[list[dict]]:
-    """Each rank's results, job by job (``jobs``: (folder, dtype or None, cases))."""
+    """Each rank's results, job by job (``jobs``: (folder, dtype or None, cases[, its own mode]))."""
     rc, out, err = mlx_launch(tmp_path, WORKER, mode, _jobs(jobs), IMAGE, n=n, timeout=600)
     assert rc == 0, out + err
     results = _results(out)
